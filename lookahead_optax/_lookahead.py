@@ -207,7 +207,12 @@ def lookahead(
             slow=jax.tree.map(copy, params),
             count=jnp.zeros([], jnp.int32),
             syncs=jnp.zeros([], jnp.int32),
-            cycle_start=inner_init if inner_state == "pullback" else None,
+            # A separate copy: aliasing inner_state would break donating the state.
+            cycle_start=(
+                jax.tree.map(lambda x: jnp.array(x, copy=True), inner_init)
+                if inner_state == "pullback"
+                else None
+            ),
         )
 
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
