@@ -1,0 +1,112 @@
+"""slow_dtype: float32 slow weights for bf16/f16 params keep the small slow steps.
+
+The slow step alpha (theta_k - phi) is a fraction of k inner steps. In bf16 it is
+rounded to the params' grid at every sync, and when it is below half a unit in the
+last place it is lost altogether (TFA's slow weights "stuck" under mixed
+precision). The test isolates that effect: SGD on a linear loss whose inner steps
+are exact in the low precision (two units in the last place), so every deviation
+from the float64 reference comes from the slow step alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+from tests import reference
+
+K = 5
+NUM_SYNCS = 30
+NUM = 64
+
+
+def _problem(dtype):
+    rng = np.random.default_rng(0)
+    eps = float(jnp.finfo(dtype).eps)  # one unit in the last place on [1, 2)
+    # Start on the low-precision grid in [1, 1.5) and walk down by 2 ulps per step: every
+    # inner step and every fast weight stays exactly representable (|w| < 2).
+    params0 = np.asarray(jnp.asarray(rng.uniform(1.0, 1.5, NUM), dtype), np.float64)
+    grad = np.ones(NUM)
+    lr = 2 * eps
+    return params0, grad, lr
+
+
+def _library_slow(dtype, slow_dtype, alpha, params0, grad, lr):
+    tx = lo.lookahead(optax.sgd(lr), k=K, alpha=alpha, slow_dtype=slow_dtype)
+    params = {"w": jnp.asarray(params0, dtype)}
+    grads = {"w": jnp.asarray(grad, dtype)}
+
+    @jax.jit
+    def cycle(params, opt_state):
+        for _ in range(K):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        return params, opt_state
+
+    opt_state = tx.init(params)
+    slow_history = []
+    for _ in range(NUM_SYNCS):
+        params, opt_state = cycle(params, opt_state)
+        assert params["w"].dtype == dtype  # params stay in their low precision
+        slow_history.append(lo.slow_params(opt_state, params)["w"])
+    return slow_history
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("alpha", [0.05, 0.12])
+def test_float32_slow_weights_track_the_float32_reference(dtype, alpha):
+    params0, grad, lr = _problem(dtype)
+    _, slow_ref = reference.lookahead_trajectory(
+        [params0], lambda leaves: [grad], reference.SGD(lr), K, alpha, K * NUM_SYNCS
+    )
+    slow_ref = [slow_ref[K * (j + 1) - 1][0] for j in range(NUM_SYNCS)]
+
+    def max_error(history):
+        return max(np.max(np.abs(np.asarray(s, np.float64) - r)) for s, r in zip(history, slow_ref))
+
+    low = _library_slow(dtype, None, alpha, params0, grad, lr)
+    high = _library_slow(dtype, jnp.float32, alpha, params0, grad, lr)
+    assert low[-1].dtype == dtype and high[-1].dtype == jnp.float32
+
+    ulp = float(jnp.finfo(dtype).eps)
+    error_low, error_high = max_error(low), max_error(high)
+    # f32 slow weights: within half a low-precision ulp of the reference (the fast weights
+    # restart from the slow weights rounded to the params' dtype; nothing accumulates).
+    # Measured: 0.1-0.2 ulp.
+    assert error_high <= 0.5 * ulp
+    # Low-precision slow weights lose a part of every slow step, and it adds up (measured:
+    # 6 ulps at alpha=0.12, 15 ulps at alpha=0.05 where every slow step is lost: stuck).
+    assert error_low >= 5 * ulp
+    assert error_low / error_high >= 20
+
+
+def test_float32_slow_dtype_changes_nothing_for_float32_params():
+    params0, grad, lr = _problem(jnp.float32)
+    default = _library_slow(jnp.float32, None, 0.12, params0, grad, lr)
+    explicit = _library_slow(jnp.float32, jnp.float32, 0.12, params0, grad, lr)
+    for a, b in zip(default, explicit):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_slow_dtype_params_follow_the_rounded_slow_weights():
+    """After a sync the bf16 params are the f32 slow weights rounded to bf16."""
+    tx = lo.lookahead(optax.adam(1e-2), k=2, alpha=0.3, slow_dtype=jnp.float32)
+    params = {"w": jnp.linspace(-1, 1, 8, dtype=jnp.bfloat16)}
+    opt_state = tx.init(params)
+    assert opt_state.slow["w"].dtype == jnp.float32
+    for _ in range(2):
+        updates, opt_state = tx.update(params, opt_state, params)
+        assert updates["w"].dtype == jnp.bfloat16
+        params = optax.apply_updates(params, updates)
+    slow = lo.slow_params(opt_state, params)["w"]
+    assert slow.dtype == jnp.float32 and params["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(slow.astype(jnp.bfloat16)))
+
+
+def test_slow_dtype_must_be_floating():
+    with pytest.raises(ValueError, match="slow_dtype"):
+        lo.lookahead(optax.sgd(0.1), slow_dtype=jnp.int32)
