@@ -6,7 +6,8 @@ The parent sets XLA_FLAGS so each process has LOCAL_DEVICES CPU devices. The pro
 join through jax.distributed on 127.0.0.1, build one mesh over all their devices and train
 data-parallel: every process feeds its slice of each global batch, XLA all-reduces the
 gradients across processes (gloo over loopback TCP). The problem (data, model, optimizer,
-step) is defined here once; the test imports it to compute the one-process reference.
+step) is defined here once; the tests import it for their one-device references (and
+tests/test_sharding.py trains the same model on 8 devices in one process).
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ LOCAL_DEVICES = 2
 STEPS = 7  # two syncs (after steps 3 and 6) and one step past the last
 K = 3
 GLOBAL_BATCH = 16
-FEATURES, HIDDEN = 6, 8
+# Every leading dimension is a multiple of 8, so tests/test_sharding.py can shard each param
+# over 8 devices along its first axis (FSDP-style).
+FEATURES, HIDDEN = 8, 16
 
 
 def make_problem() -> tuple[dict, np.ndarray, np.ndarray]:
     """Initial params and, per step, a global batch of inputs and regression targets."""
     rng = np.random.RandomState(0)
     params = {
-        "w1": rng.normal(size=(FEATURES, HIDDEN)).astype(np.float32) / np.sqrt(FEATURES),
+        "w1": (rng.normal(size=(FEATURES, HIDDEN)) / np.sqrt(FEATURES)).astype(np.float32),
         "b1": np.zeros(HIDDEN, np.float32),
-        "w2": rng.normal(size=(HIDDEN, 1)).astype(np.float32) / np.sqrt(HIDDEN),
+        "w2": (rng.normal(size=(HIDDEN, 1)) / np.sqrt(HIDDEN)).astype(np.float32),
     }
     inputs = rng.normal(size=(STEPS, GLOBAL_BATCH, FEATURES)).astype(np.float32)
     targets = np.sin(inputs.sum(-1, keepdims=True)).astype(np.float32)
@@ -51,11 +54,18 @@ def loss_fn(params: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean((hidden @ params["w2"] - targets) ** 2)
 
 
-def train_step(params, opt_state, inputs, targets):
-    """One Lookahead step on the mean loss of the (global) batch."""
-    grads = jax.grad(loss_fn)(params, inputs, targets)
-    updates, opt_state = make_optimizer().update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+def make_train_step(tx: optax.GradientTransformation):
+    """A step of ``tx`` on the mean loss of the (global) batch."""
+
+    def train_step(params, opt_state, inputs, targets):
+        grads = jax.grad(loss_fn)(params, inputs, targets)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return train_step
+
+
+train_step = make_train_step(make_optimizer())
 
 
 def _gloo_on_loopback() -> None:
@@ -91,7 +101,10 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         local_batch = GLOBAL_BATCH // num_processes
         mine = slice(process_id * local_batch, (process_id + 1) * local_batch)
 
-        params = jax.tree.map(lambda p: jax.make_array_from_process_local_data(replicated, p), params)
+        def replicate(x: np.ndarray) -> jax.Array:
+            return jax.make_array_from_process_local_data(replicated, x)
+
+        params = jax.tree.map(replicate, params)
         opt_state = jax.jit(make_optimizer().init)(params)
         step = jax.jit(train_step, donate_argnums=(0, 1))
         for t in range(STEPS):
