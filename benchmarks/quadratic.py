@@ -1,0 +1,517 @@
+"""The paper's quadratic analyses, reproduced with the library.
+
+Two models from Zhang et al. (2019), each with its closed form and a simulation
+that drives ``lookahead_optax.lookahead`` (and plain optax) through it:
+
+* Noisy quadratic model: L(x) = 1/2 (x - c)^T A (x - c) with c ~ N(0, Sigma)
+  drawn fresh every step, A = diag(a), Sigma = diag(sigma2). Closed-form
+  steady-state variance of SGD and of Lookahead's slow weights, the mean and
+  variance recursions, and a Monte Carlo over thousands of chains (``jax.vmap``
+  over chains, ``lax.scan`` over steps).
+* Deterministic quadratic with classical momentum inside: the cycle's linear
+  map T on (x, v), its spectral radius, and the contraction rate measured from
+  the library's trajectories.
+
+Used by notebooks/quadratic.ipynb and tests/test_quadratic.py. Run
+``python benchmarks/quadratic.py`` to print the tables of README "Results".
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lookahead_optax as lo
+
+# The setting of PAPER.md's Monte Carlo check.
+PAPER_A = np.array([1.0, 0.1, 0.01])
+PAPER_SIGMA2 = np.array([1.0, 0.5, 2.0])
+PAPER_GAMMA = 0.5
+
+# ---------------------------------------------------------------------------
+# Noisy quadratic model: closed forms (per coordinate, numpy float64).
+# ---------------------------------------------------------------------------
+
+
+def sgd_variance(gamma, a, sigma2):
+    """Steady-state variance of SGD's iterates, gamma^2 a^2 sigma^2 / (1 - q^2), q = 1 - gamma a."""
+    a, sigma2 = np.asarray(a, float), np.asarray(sigma2, float)
+    q = 1.0 - gamma * a
+    return gamma**2 * a**2 * sigma2 / (1.0 - q**2)
+
+
+def lookahead_variance(gamma, a, sigma2, k, alpha):
+    """Steady-state variance of Lookahead(SGD)'s slow weights (the paper's form).
+
+    V_LA = alpha^2 (1 - q^2k) / (alpha^2 (1 - q^2k) + 2 alpha (1 - alpha)(1 - q^k)) V_SGD,
+    the fixed point of the per-cycle recursion in :func:`lookahead_moments`.
+
+    >>> float(lookahead_variance(0.5, 1.0, 1.0, k=5, alpha=1.0) / sgd_variance(0.5, 1.0, 1.0))
+    1.0
+    """
+    a = np.asarray(a, float)
+    q = 1.0 - gamma * a
+    shrink = alpha**2 * (1 - q ** (2 * k))
+    return shrink / (shrink + 2 * alpha * (1 - alpha) * (1 - q**k)) * sgd_variance(gamma, a, sigma2)
+
+
+def sgd_moments(gamma, a, sigma2, x0, steps):
+    """Mean and variance of SGD's iterate after 0, 1, ..., steps steps, shape (steps + 1, d).
+
+    x_{t+1} = q x_t + gamma a c_t, so m_{t+1} = q m_t and V_{t+1} = q^2 V_t + gamma^2 a^2 sigma^2.
+    """
+    a, sigma2 = np.asarray(a, float), np.asarray(sigma2, float)
+    q = 1.0 - gamma * a
+    mean = [np.asarray(x0, float) * np.ones_like(a)]
+    var = [np.zeros_like(a)]
+    for _ in range(steps):
+        mean.append(q * mean[-1])
+        var.append(q**2 * var[-1] + gamma**2 * a**2 * sigma2)
+    return np.array(mean), np.array(var)
+
+
+def lookahead_moments(gamma, a, sigma2, k, alpha, x0, cycles):
+    """Mean and variance of the slow weights after 0, 1, ..., cycles syncs, shape (cycles + 1, d).
+
+    A cycle of k SGD steps from phi gives q^k phi plus noise of variance
+    (1 - q^2k) V_SGD, so phi' = (1 - alpha + alpha q^k) phi + alpha noise:
+    m' = (1 - alpha + alpha q^k) m and V' = (1 - alpha + alpha q^k)^2 V + alpha^2 (1 - q^2k) V_SGD.
+    """
+    a = np.asarray(a, float)
+    q = 1.0 - gamma * a
+    contraction = 1 - alpha + alpha * q**k
+    cycle_noise = alpha**2 * (1 - q ** (2 * k)) * sgd_variance(gamma, a, sigma2)
+    mean = [np.asarray(x0, float) * np.ones_like(a)]
+    var = [np.zeros_like(a)]
+    for _ in range(cycles):
+        mean.append(contraction * mean[-1])
+        var.append(contraction**2 * var[-1] + cycle_noise)
+    return np.array(mean), np.array(var)
+
+
+def expected_loss(a, sigma2, mean, var):
+    """E[L] = 1/2 sum_i a_i (m_i^2 + V_i + sigma_i^2), over the last axis."""
+    a, sigma2 = np.asarray(a, float), np.asarray(sigma2, float)
+    return 0.5 * np.sum(a * (np.asarray(mean) ** 2 + np.asarray(var) + sigma2), axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Noisy quadratic model: Monte Carlo with the library.
+# ---------------------------------------------------------------------------
+
+
+class NoisyRun(NamedTuple):
+    """Monte Carlo of the noisy quadratic, sampled every ``period`` steps.
+
+    Attributes:
+      steps: Step index of each sample, shape (n_samples,).
+      mean: Mean over chains of the evaluated weights, shape (n_samples, d).
+      second_moment: Mean over chains of their square, shape (n_samples, d).
+      chain_second_moment: Per chain, the time average of the squared weights
+        over the samples after burn-in, shape (chains, d). The chains are
+        independent, so their spread gives an honest standard error even though
+        successive samples of one chain are correlated.
+    """
+
+    steps: np.ndarray
+    mean: np.ndarray
+    second_moment: np.ndarray
+    chain_second_moment: np.ndarray
+
+
+def steady_variance(run: NoisyRun) -> tuple[np.ndarray, np.ndarray]:
+    """Steady-state variance estimate and its standard error, per coordinate.
+
+    Valid for runs started at x0 = 0: c has mean 0, so every iterate has mean 0
+    exactly and E[x^2] is the variance.
+    """
+    per_chain = run.chain_second_moment
+    return per_chain.mean(0), per_chain.std(0, ddof=1) / np.sqrt(per_chain.shape[0])
+
+
+def _simulate(tx, evaluate, key, a, sigma2, x0, *, period, n_samples, burn_in, chains):
+    a = jnp.asarray(a, jnp.float32)
+    sigma = jnp.sqrt(jnp.asarray(sigma2, jnp.float32))
+    params = jnp.broadcast_to(jnp.asarray(x0, jnp.float32), (chains, a.shape[0]))
+    state = jax.vmap(tx.init)(params)
+    update = jax.vmap(tx.update)
+
+    def step(carry, step_key):
+        params, state = carry
+        centre = sigma * jax.random.normal(step_key, params.shape)
+        grads = a * (params - centre)  # gradient of 1/2 (x - c)^T A (x - c)
+        updates, state = update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    def sample(carry, inputs):
+        index, sample_key = inputs
+        (params, state), chain_sum = carry
+        (params, state), _ = jax.lax.scan(
+            step, (params, state), jax.random.split(sample_key, period)
+        )
+        weights = jax.vmap(evaluate)(state, params)
+        chain_sum = chain_sum + jnp.where(index >= burn_in, weights**2, 0.0)
+        return ((params, state), chain_sum), (weights.mean(0), (weights**2).mean(0))
+
+    inputs = (jnp.arange(n_samples), jax.random.split(key, n_samples))
+    init = ((params, state), jnp.zeros_like(params))
+    (_, chain_sum), (mean, second_moment) = jax.lax.scan(sample, init, inputs)
+    return mean, second_moment, chain_sum / (n_samples - burn_in)
+
+
+_STATIC = ("period", "n_samples", "chains")
+
+
+@functools.partial(jax.jit, static_argnames=("k",) + _STATIC)
+def _lookahead_run(key, a, sigma2, x0, gamma, alpha, *, k, period, n_samples, burn_in, chains):
+    # alpha and gamma are traced: a sweep over them compiles once per k.
+    tx = lo.lookahead(optax.sgd(gamma), k=k, alpha=alpha)
+    return _simulate(
+        tx, lo.slow_params, key, a, sigma2, x0,
+        period=period, n_samples=n_samples, burn_in=burn_in, chains=chains,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sgd_run(key, a, sigma2, x0, gamma, *, period, n_samples, burn_in, chains):
+    return _simulate(
+        optax.sgd(gamma), lambda state, params: params, key, a, sigma2, x0,
+        period=period, n_samples=n_samples, burn_in=burn_in, chains=chains,
+    )  # fmt: skip
+
+
+def _to_run(period, n_samples, arrays) -> NoisyRun:
+    mean, second_moment, chain_second_moment = (np.asarray(x, float) for x in arrays)
+    steps = period * np.arange(1, n_samples + 1)
+    return NoisyRun(steps, mean, second_moment, chain_second_moment)
+
+
+def simulate_lookahead(
+    gamma, k, alpha, *, a=PAPER_A, sigma2=PAPER_SIGMA2, x0=0.0, cycles=2000, burn_in=500,
+    chains=4096, seed=0,
+) -> NoisyRun:  # fmt: skip
+    """Runs ``lo.lookahead(optax.sgd(gamma), k, alpha)`` on many noisy-quadratic chains.
+
+    The slow weights (``lo.slow_params``) are sampled at every sync, i.e. after
+    steps k, 2k, ...; the first ``burn_in`` samples are left out of
+    ``chain_second_moment``.
+
+    >>> run = simulate_lookahead(0.5, 5, 0.5, a=[1.0], sigma2=[1.0], cycles=40, burn_in=10,
+    ...                          chains=256)
+    >>> run.mean.shape, run.chain_second_moment.shape, int(run.steps[0])
+    ((40, 1), (256, 1), 5)
+    """
+    arrays = _lookahead_run(
+        jax.random.key(seed), np.asarray(a, np.float32), np.asarray(sigma2, np.float32),
+        np.asarray(x0, np.float32), gamma, alpha,
+        k=k, period=k, n_samples=cycles, burn_in=burn_in, chains=chains,
+    )  # fmt: skip
+    return _to_run(k, cycles, arrays)
+
+
+def simulate_sgd(
+    gamma, *, a=PAPER_A, sigma2=PAPER_SIGMA2, x0=0.0, steps=2000, burn_in=500, period=1,
+    chains=4096, seed=0,
+) -> NoisyRun:  # fmt: skip
+    """Runs ``optax.sgd(gamma)`` on many noisy-quadratic chains, sampled every ``period`` steps.
+
+    ``steps`` and ``burn_in`` count samples, so the run takes ``steps * period`` steps.
+
+    >>> run = simulate_sgd(0.5, a=[1.0], sigma2=[1.0], steps=30, burn_in=10, chains=128)
+    >>> run.second_moment.shape
+    (30, 1)
+    """
+    arrays = _sgd_run(
+        jax.random.key(seed), np.asarray(a, np.float32), np.asarray(sigma2, np.float32),
+        np.asarray(x0, np.float32), gamma,
+        period=period, n_samples=steps, burn_in=burn_in, chains=chains,
+    )  # fmt: skip
+    return _to_run(period, steps, arrays)
+
+
+# ---------------------------------------------------------------------------
+# Deterministic quadratic: closed forms (vectorised over gamma).
+# ---------------------------------------------------------------------------
+
+
+def gd_lookahead_factor(gamma, a, k, alpha):
+    """Per-cycle contraction of Lookahead(GD) along curvature a: 1 - alpha + alpha (1 - gamma a)^k."""
+    return 1 - alpha + alpha * (1 - gamma * np.asarray(a, float)) ** k
+
+
+def momentum_matrix(gamma, a, beta):
+    """One step of ``optax.sgd(gamma, momentum=beta)`` along curvature a, on the state (x, v).
+
+    optax's trace: v' = g + beta v with g = a x, then x' = x - gamma v'.
+    Broadcasts over an array ``gamma``: shape (*gamma.shape, 2, 2).
+    """
+    gamma = np.asarray(gamma, float)
+    matrix = np.empty(gamma.shape + (2, 2))
+    matrix[..., 0, 0] = 1 - gamma * a
+    matrix[..., 0, 1] = -gamma * beta
+    matrix[..., 1, 0] = a
+    matrix[..., 1, 1] = beta
+    return matrix
+
+
+def lookahead_cycle_matrix(gamma, a, beta, k, alpha, inner_state="keep"):
+    """The linear map T of one Lookahead cycle on (phi, v), momentum inside.
+
+    k momentum steps from (phi, v) give (x_k, v_k) = M^k (phi, v); the slow step
+    sets phi' = (1 - alpha) phi + alpha x_k and the fast weights restart at phi'.
+    With ``inner_state="keep"`` the momentum carries on (v' = v_k); with
+    ``"reset"`` it restarts at 0; with ``"pullback"`` it is interpolated like the
+    weights, v' = (1 - alpha) v + alpha v_k.
+    """
+    cycle = np.linalg.matrix_power(momentum_matrix(gamma, a, beta), k)
+    keep_v = {"keep": 1.0, "reset": 0.0, "pullback": alpha}[inner_state]
+    restart_v = 1 - alpha if inner_state == "pullback" else 0.0
+    return np.diag([alpha, keep_v]) @ cycle + np.diag([1 - alpha, restart_v])
+
+
+def spectral_radius(matrix):
+    """Largest eigenvalue modulus over the last two axes."""
+    return np.max(np.abs(np.linalg.eigvals(matrix)), axis=-1)
+
+
+def momentum_rate(gamma, eigenvalues, beta):
+    """Asymptotic per-step contraction of heavy-ball momentum: max over directions of rho(M)."""
+    return np.max([spectral_radius(momentum_matrix(gamma, a, beta)) for a in eigenvalues], axis=0)
+
+
+def lookahead_rate(gamma, eigenvalues, beta, k, alpha):
+    """Asymptotic per-step contraction of Lookahead(momentum): max over directions of rho(T)^(1/k)."""
+    radii = [spectral_radius(lookahead_cycle_matrix(gamma, a, beta, k, alpha)) for a in eigenvalues]
+    return np.max(radii, axis=0) ** (1 / k)
+
+
+def is_underdamped(gamma, a, beta) -> bool:
+    """Momentum oscillates along a (complex eigenvalues of M): (1 - sqrt(gamma a))^2 < beta."""
+    return bool((1 - np.sqrt(gamma * a)) ** 2 < beta)
+
+
+def best_learning_rate(rate: Callable, gamma_max: float) -> tuple[float, float]:
+    """Minimises the vectorised ``rate(gammas)`` over (0, gamma_max): log grid, then two zooms."""
+    grid = np.geomspace(1e-6 * gamma_max, gamma_max, 20000, endpoint=False)
+    for _ in range(3):
+        rates = rate(grid)
+        best = int(np.nanargmin(rates))
+        low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        grid = np.linspace(low, high, 2000)
+    return float(grid[best]), float(rates[best])
+
+
+# ---------------------------------------------------------------------------
+# Deterministic quadratic: contraction measured on the library's trajectories.
+# ---------------------------------------------------------------------------
+
+
+def _floats(tree):
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def _rescale(tree, factor):
+    return jax.tree.map(lambda x: x * factor if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _log_growth(tx, eigenvalues, period, periods, burn_in):
+    """Mean log growth per block of ``period`` steps of ``tx`` on 1/2 sum_i a_i x_i^2.
+
+    After every block, params and optimizer state are rescaled together to unit
+    norm: the dynamics are linear, so this changes nothing but keeps float32
+    away from underflow. The mean over blocks telescopes to the log of the total
+    contraction, so it converges to log rho with an O(1/periods) error.
+    """
+    curvature = jnp.asarray(eigenvalues, jnp.float32)
+
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in _floats(tree)))
+
+    def step(carry, _):
+        params, state = carry
+        updates, state = tx.update(curvature * params, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    def block(carry, _):
+        carry, _ = jax.lax.scan(step, carry, length=period)
+        growth = norm(carry)
+        return _rescale(carry, 1.0 / growth), jnp.log(growth)
+
+    params = jnp.ones_like(curvature)
+    carry = (params, tx.init(params))
+    carry = _rescale(carry, 1.0 / norm(carry))
+    _, log_growth = jax.lax.scan(block, carry, length=burn_in + periods)
+    return jnp.mean(log_growth[burn_in:])
+
+
+_RATE_STATIC = ("k", "periods", "burn_in")
+
+
+@functools.partial(jax.jit, static_argnames=_RATE_STATIC)
+def _momentum_log_growth(eigenvalues, gamma, beta, *, k, periods, burn_in):
+    return _log_growth(optax.sgd(gamma, momentum=beta), eigenvalues, k, periods, burn_in)
+
+
+@functools.partial(jax.jit, static_argnames=_RATE_STATIC)
+def _lookahead_log_growth(eigenvalues, gamma, beta, alpha, *, k, periods, burn_in):
+    tx = lo.lookahead(optax.sgd(gamma, momentum=beta), k=k, alpha=alpha)
+    return _log_growth(tx, eigenvalues, k, periods, burn_in)
+
+
+def measured_momentum_rate(gamma, eigenvalues, beta, *, k=20, periods=1000, burn_in=100):
+    """Per-step contraction of ``optax.sgd(gamma, momentum=beta)`` measured on its trajectory.
+
+    Starts at x = 1 on L(x) = 1/2 sum_i a_i x_i^2 and measures over blocks of k steps.
+    """
+    eigenvalues = np.asarray(eigenvalues, np.float32)
+    log_growth = _momentum_log_growth(
+        eigenvalues, gamma, beta, k=k, periods=periods, burn_in=burn_in
+    )
+    return float(np.exp(float(log_growth) / k))
+
+
+def measured_lookahead_rate(
+    gamma, eigenvalues, beta, k, alpha, *, periods=1000, burn_in=100
+) -> float:
+    """Per-step contraction of ``lo.lookahead(optax.sgd(gamma, momentum=beta), k, alpha)``.
+
+    Measured on the library's trajectory from x = 1, over whole cycles (every
+    block ends at a sync, where params equal the slow weights), to the power 1/k.
+    """
+    eigenvalues = np.asarray(eigenvalues, np.float32)
+    log_growth = _lookahead_log_growth(
+        eigenvalues, gamma, beta, alpha, k=k, periods=periods, burn_in=burn_in
+    )
+    return float(np.exp(float(log_growth) / k))
+
+
+def momentum_table(
+    kappas=(1, 10, 100, 1000, 10000), beta=0.9, k=20, alpha=0.5, periods=1000
+) -> list[dict]:
+    """Per-step rates with eigenvalues {1, kappa}, each method at its own best learning rate.
+
+    Theory (rho(M), rho(T)^(1/k)) next to the rate measured on the library's
+    trajectories with ``optax.sgd(gamma, momentum=beta)`` and
+    ``lo.lookahead(optax.sgd(gamma, momentum=beta), k, alpha)``.
+    """
+    rows = []
+    for kappa in kappas:
+        eigenvalues = (1.0, float(kappa))
+        gamma_max = 2 * (1 + beta) / kappa  # heavy ball diverges beyond
+        gamma_cm, rate_cm = best_learning_rate(
+            lambda g: momentum_rate(g, eigenvalues, beta), gamma_max
+        )
+        gamma_la, rate_la = best_learning_rate(
+            lambda g: lookahead_rate(g, eigenvalues, beta, k, alpha), gamma_max
+        )
+        rows.append(
+            dict(
+                kappa=kappa,
+                gamma_cm=gamma_cm,
+                rate_cm=rate_cm,
+                measured_cm=measured_momentum_rate(gamma_cm, eigenvalues, beta, periods=periods),
+                underdamped_cm=is_underdamped(gamma_cm, 1.0, beta),
+                gamma_la=gamma_la,
+                rate_la=rate_la,
+                measured_la=measured_lookahead_rate(
+                    gamma_la, eigenvalues, beta, k, alpha, periods=periods
+                ),
+            )
+        )
+    return rows
+
+
+def burn_in_cycles(gamma, k, alpha, a=PAPER_A, tol=1e-3) -> int:
+    """Cycles after which the start has faded to ``tol`` in the variance of every coordinate.
+
+    Both moments forget the start through the per-cycle contraction of the mean,
+    1 - alpha + alpha q^k (the variance through its square): the deterministic
+    part of the dynamics, not the variance formula under test.
+
+    >>> burn_in_cycles(0.5, 1, 1.0, a=[1.0, 0.01])  # SGD: 0.995^(2t) < 1e-3
+    690
+    """
+    contraction = np.max(gd_lookahead_factor(gamma, a, k, alpha))
+    return int(np.ceil(np.log(tol) / (2 * np.log(contraction))))
+
+
+def steady_state_run(
+    gamma, k=None, alpha=None, *, steps=5000, chains=1024, seed=0, a=PAPER_A, sigma2=PAPER_SIGMA2
+) -> NoisyRun:
+    """Steady-state Monte Carlo from x0 = 0 over ``steps`` steps: Lookahead, or SGD when k is None.
+
+    The burn-in is :func:`burn_in_cycles`; runs with the same (k, steps,
+    chains) share one compilation, whatever gamma and alpha.
+    """
+    if k is None:
+        burn_in = burn_in_cycles(gamma, 1, 1.0, a)
+        run = simulate_sgd(gamma, a=a, sigma2=sigma2, steps=steps, burn_in=burn_in, chains=chains,
+                           seed=seed)  # fmt: skip
+    else:
+        burn_in = burn_in_cycles(gamma, k, alpha, a)
+        cycles = steps // k
+        run = simulate_lookahead(gamma, k, alpha, a=a, sigma2=sigma2, cycles=cycles,
+                                 burn_in=burn_in, chains=chains, seed=seed)  # fmt: skip
+    if run.steps.shape[0] - burn_in < 100:
+        raise ValueError(f"steps={steps} leaves fewer than 100 samples after a burn-in of {burn_in}")
+    return run
+
+
+def variance_table(
+    configs=((5, 0.5), (10, 0.8), (20, 0.5), (5, 1.0)), steps=5000, chains=1024, seed=0
+) -> list[dict]:
+    """Closed-form steady-state variance against the library's Monte Carlo (PAPER.md setting).
+
+    The last row (k=None) is plain ``optax.sgd``.
+    """
+    rows = []
+    for k, alpha in list(configs) + [(None, None)]:
+        run = steady_state_run(PAPER_GAMMA, k, alpha, steps=steps, chains=chains, seed=seed)
+        estimate, error = steady_variance(run)
+        if k is None:
+            closed = sgd_variance(PAPER_GAMMA, PAPER_A, PAPER_SIGMA2)
+        else:
+            closed = lookahead_variance(PAPER_GAMMA, PAPER_A, PAPER_SIGMA2, k, alpha)
+        rows.append(dict(k=k, alpha=alpha, closed=closed, monte_carlo=estimate, error=error))
+    return rows
+
+
+def _print_tables(chains: int, steps: int) -> None:
+    print(f"Noisy quadratic, a={PAPER_A.tolist()}, sigma2={PAPER_SIGMA2.tolist()}, "
+          f"gamma={PAPER_GAMMA}, {chains} chains x {steps} steps: steady-state variance, "
+          "closed form / Monte Carlo ± standard error")  # fmt: skip
+    print("| optimizer | " + " | ".join(f"a = {a:g}" for a in PAPER_A) + " |")
+    print("|---|" + "---|" * len(PAPER_A))
+    for row in variance_table(steps=steps, chains=chains):
+        name = "SGD" if row["k"] is None else f"Lookahead k={row['k']}, alpha={row['alpha']:g}"
+        cells = [
+            f"{c:.4g} / {m:.4g} ± {e:.2g}"
+            for c, m, e in zip(row["closed"], row["monte_carlo"], row["error"])
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nDeterministic quadratic, eigenvalues {1, kappa}, beta=0.9, k=20, alpha=0.5: "
+          "1 - per-step rate, each at its best learning rate")  # fmt: skip
+    print("| kappa | momentum: best gamma | momentum: theory / measured | damping along a=1 | "
+          "Lookahead: best gamma | Lookahead: theory / measured |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for row in momentum_table():
+        damping = "under" if row["underdamped_cm"] else "over"
+        print(
+            f"| {row['kappa']:g} | {row['gamma_cm']:.3g} | "
+            f"{1 - row['rate_cm']:.4f} / {1 - row['measured_cm']:.4f} | {damping} | "
+            f"{row['gamma_la']:.3g} | {1 - row['rate_la']:.4f} / {1 - row['measured_la']:.4f} |"
+        )
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chains", type=int, default=4096, help="Monte Carlo chains")
+    parser.add_argument("--steps", type=int, default=20000, help="Monte Carlo steps per chain")
+    arguments = parser.parse_args()
+    _print_tables(arguments.chains, arguments.steps)
