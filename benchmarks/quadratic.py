@@ -242,7 +242,7 @@ def simulate_sgd(
 
 
 def gd_lookahead_factor(gamma, a, k, alpha):
-    """Per-cycle contraction of Lookahead(GD) along curvature a: 1 - alpha + alpha (1 - gamma a)^k."""
+    """Per-cycle contraction of Lookahead(GD) along curvature a: 1 - alpha + alpha q^k."""
     return 1 - alpha + alpha * (1 - gamma * np.asarray(a, float)) ** k
 
 
@@ -287,7 +287,7 @@ def momentum_rate(gamma, eigenvalues, beta):
 
 
 def lookahead_rate(gamma, eigenvalues, beta, k, alpha):
-    """Asymptotic per-step contraction of Lookahead(momentum): max over directions of rho(T)^(1/k)."""
+    """Asymptotic per-step contraction of Lookahead(momentum): max over a of rho(T)^(1/k)."""
     radii = [spectral_radius(lookahead_cycle_matrix(gamma, a, beta, k, alpha)) for a in eigenvalues]
     return np.max(radii, axis=0) ** (1 / k)
 
@@ -460,7 +460,9 @@ def steady_state_run(
         run = simulate_lookahead(gamma, k, alpha, a=a, sigma2=sigma2, cycles=cycles,
                                  burn_in=burn_in, chains=chains, seed=seed)  # fmt: skip
     if run.steps.shape[0] - burn_in < 100:
-        raise ValueError(f"steps={steps} leaves fewer than 100 samples after a burn-in of {burn_in}")
+        raise ValueError(
+            f"steps must leave 100 samples after the burn-in of {burn_in}, got steps={steps}"
+        )
     return run
 
 
