@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import optax
 
@@ -16,6 +18,17 @@ def _find_states(opt_state: optax.OptState) -> list[LookaheadState]:
     """The outermost LookaheadStates in ``opt_state``, in tree order."""
     leaves = jax.tree.leaves(opt_state, is_leaf=_is_state)
     return [leaf for leaf in leaves if _is_state(leaf)]
+
+
+def _nnx_variable_type() -> type | None:
+    """``flax.nnx.Variable`` if flax is loaded, else None (flax stays optional).
+
+    ``nnx.Optimizer`` wraps every leaf of its opt_state in an ``OptVariable``
+    and ``nnx.state(model, nnx.Param)`` wraps params in ``Param``s; both are
+    Variables. Params holding Variables means flax is already imported.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    return getattr(nnx, "Variable", None)
 
 
 def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
@@ -54,13 +67,23 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
             "slow_params found no LookaheadState in opt_state: pass the state of a "
             "transformation built with lookahead_optax.lookahead"
         )
+    variable = _nnx_variable_type() or ()
+
+    def is_leaf(x) -> bool:
+        return isinstance(x, (optax.MaskedNode, variable))
+
+    def pick(slow, current):
+        # Leaves a lookahead does not cover are MaskedNodes in its slow tree.
+        if isinstance(slow, optax.MaskedNode):
+            return current
+        if isinstance(slow, variable):
+            slow = slow.get_value()
+        if isinstance(current, variable):
+            # Keep the params' Variable type (nnx.Param) and metadata.
+            return current.replace(slow)
+        return slow
+
     result = params
     for state in states:
-        # Leaves a lookahead does not cover are MaskedNodes in its slow tree.
-        result = jax.tree.map(
-            lambda slow, current: current if isinstance(slow, optax.MaskedNode) else slow,
-            state.slow,
-            result,
-            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-        )
+        result = jax.tree.map(pick, state.slow, result, is_leaf=is_leaf)
     return result
