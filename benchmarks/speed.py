@@ -1,0 +1,375 @@
+"""Step time, compile time and memory of Lookahead against its inner optimizer.
+
+For each size (total float32 params split into equal leaves) and inner optimizer
+(Adam, SGD with momentum), three jitted steps, params and state donated, synthetic
+fixed gradients:
+
+- ``inner``: ``inner.update`` + ``optax.apply_updates``;
+- ``lookahead_optax``: the same with ``lookahead_optax.lookahead(inner)``;
+- ``optax.lookahead``: ``optax.lookahead(inner)`` with its ``LookaheadParams`` wrapping.
+
+Timing: rounds interleaved (inner, lookahead_optax, optax.lookahead, inner, ...; the
+order rotates), each timing a block of steps that is a multiple of k so every block
+holds the same number of syncs; one ratio per round against the inner step of the
+same round; the table shows the median and min-max across rounds. Also reported:
+compile time (lower + compile) relative to the inner step, the compiled
+``memory_analysis()`` temp size, the optimizer state's bytes, and how many
+params-sized ``copy`` instructions the compiled HLO holds.
+
+An end-to-end benchmark times forward, backward and update of a small Flax MLP on
+synthetic data, with the same interleaving.
+
+    python benchmarks/speed.py                # full suite, ~5-10 min on 2 CPU cores
+    python benchmarks/speed.py --quick        # small sizes, a smoke run
+    python benchmarks/speed.py --sizes 16M/8 --inners adam --rounds 21
+
+Results go to ``benchmarks/results/speed-<platform>.json`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (  # noqa: E402
+    interleaved_rounds,
+    machine_info,
+    ratio_summary,
+    time_summary,
+    tree_bytes,
+)
+
+import lookahead_optax as lo  # noqa: E402
+
+CONTENDERS = ("inner", "lookahead_optax", "optax.lookahead")
+INNERS = {
+    "adam": lambda: optax.adam(1e-4),
+    "sgdm": lambda: optax.sgd(1e-4, momentum=0.9),
+}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'16M/8' -> (16_000_000 params, 8 leaves)."""
+    total, leaves = text.split("/")
+    scale = {"K": 1_000, "M": 1_000_000}.get(total[-1].upper(), 1)
+    number = float(total[:-1]) if scale > 1 else float(total)
+    return int(number * scale), int(leaves)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="16M/8,2M/64", help="TOTAL/LEAVES, comma separated")
+    parser.add_argument("--inners", default="adam,sgdm", help=f"from {sorted(INNERS)}")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--block-seconds", type=float, default=0.4,
+        help="target seconds of one timed block (rounded up to a multiple of k steps)",
+    )
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Flax MLP")
+    parser.add_argument("--e2e-only", action="store_true")
+    parser.add_argument("--e2e-batch", type=int, default=512)
+    parser.add_argument("--e2e-width", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few rounds")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.rounds, args.block_seconds = "256K/8,64K/16", 3, 0.02
+        args.e2e_batch, args.e2e_width = 32, 64
+    return args
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_transform(name: str, inner: optax.GradientTransformation, k: int, alpha: float):
+    if name == "inner":
+        return inner
+    if name == "lookahead_optax":
+        return lo.lookahead(inner, k=k, alpha=alpha)
+    return optax.lookahead(inner, sync_period=k, slow_step_size=alpha)
+
+
+def wrap_params(name: str, params: Any) -> Any:
+    """optax.lookahead keeps the slow weights in the params (LookaheadParams)."""
+    if name == "optax.lookahead":
+        # init_synced aliases fast and slow; separate buffers so both can be donated.
+        return optax.LookaheadParams(fast=params, slow=jax.tree.map(jnp.copy, params))
+    return params
+
+
+def fast_of(params: Any) -> Any:
+    return params.fast if isinstance(params, optax.LookaheadParams) else params
+
+
+def optimizer_step(tx: optax.GradientTransformation):
+    def step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def large_copies(hlo_text: str, min_elements: int) -> int:
+    """Number of copy instructions in compiled HLO moving at least min_elements values."""
+    count = 0
+    for match in re.finditer(r"= \w+\[([\d,]*)\]\S* copy\(", hlo_text):
+        dims = [int(d) for d in match.group(1).split(",") if d]
+        size = 1
+        for d in dims:
+            size *= d
+        count += size >= min_elements
+    return count
+
+
+def compile_step(step, *args) -> tuple[Any, dict[str, Any]]:
+    """Lowers and compiles with params and state donated; returns it and its statistics."""
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    smallest_leaf = min(x.size for x in jax.tree.leaves(fast_of(args[0])))
+    stats = {
+        "compile_s": compile_s,
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "output_bytes": int(memory.output_size_in_bytes),
+        "alias_bytes": int(memory.alias_size_in_bytes),
+        "params_sized_copies": large_copies(compiled.as_text(), smallest_leaf),
+    }
+    return compiled, stats
+
+
+class Runner:
+    """Owns one contender's donated params and state; each call times a block of steps."""
+
+    def __init__(self, compiled, params, opt_state, *batch, steps: int):
+        self.compiled, self.params, self.opt_state = compiled, params, opt_state
+        self.batch, self.steps = batch, steps
+
+    def run(self, steps: int) -> float:
+        params, opt_state = self.params, self.opt_state
+        jax.block_until_ready((params, opt_state))
+        start = time.perf_counter()
+        for _ in range(steps):
+            params, opt_state = self.compiled(params, opt_state, *self.batch)
+        jax.block_until_ready((params, opt_state))
+        self.params, self.opt_state = params, opt_state
+        return (time.perf_counter() - start) / steps
+
+    def __call__(self) -> float:
+        return self.run(self.steps)
+
+
+def steps_per_block(seconds_per_step: float, block_seconds: float, k: int) -> int:
+    """At least one sync period, rounded up to whole periods so syncs amortise fairly."""
+    periods = max(1, round(block_seconds / max(seconds_per_step, 1e-7) / k))
+    return periods * k
+
+
+def summarise(seconds: dict[str, list[float]], stats: dict[str, dict]) -> dict[str, Any]:
+    inner_compile = stats["inner"]["compile_s"]
+    return {
+        "time": {name: time_summary(s) for name, s in seconds.items()},
+        "ratio_vs_inner": {
+            name: ratio_summary(seconds[name], seconds["inner"])
+            for name in seconds
+            if name != "inner"
+        },
+        # > 1: lookahead_optax is that many times faster per step than optax.lookahead.
+        "speedup_vs_optax_lookahead": ratio_summary(
+            seconds["optax.lookahead"], seconds["lookahead_optax"]
+        ),
+        "compile_ratio_vs_inner": {
+            name: s["compile_s"] / inner_compile for name, s in stats.items() if name != "inner"
+        },
+        "stats": stats,
+    }
+
+
+# ------------------------------------------------------------------ optimizer steps
+
+
+def bench_optimizer(
+    total: int, leaves: int, inner_name: str, args, progress
+) -> dict[str, Any]:
+    per_leaf = total // leaves
+    params = {f"w{i:02d}": jnp.full((per_leaf,), 0.01 * (i + 1), jnp.float32)
+              for i in range(leaves)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    params_bytes = tree_bytes(params)
+    runners, stats = {}, {}
+    for name in CONTENDERS:
+        tx = make_transform(name, INNERS[inner_name](), args.k, args.alpha)
+        wrapped = wrap_params(name, jax.tree.map(jnp.copy, params))
+        opt_state = tx.init(wrapped)
+        compiled, stats[name] = compile_step(optimizer_step(tx), wrapped, opt_state, grads)
+        # optax.lookahead holds its slow weights in the params, not in the state.
+        extra_params = tree_bytes(wrapped) - params_bytes
+        stats[name]["state_bytes"] = tree_bytes(opt_state) + extra_params
+        runners[name] = Runner(compiled, wrapped, opt_state, grads, steps=args.k)
+        runners[name].run(args.k)  # warm up
+    per_step = runners["inner"].run(args.k)
+    steps = steps_per_block(per_step, args.block_seconds, args.k)
+    for runner in runners.values():
+        runner.steps = steps
+    seconds = interleaved_rounds(runners, args.rounds, progress)
+    result = summarise(seconds, stats)
+    result.update(
+        kind="optimizer_step", inner=inner_name, params=per_leaf * leaves, leaves=leaves,
+        params_bytes=params_bytes, steps_per_block=steps,
+    )
+    return result
+
+
+# ------------------------------------------------------------------------ end to end
+
+
+def bench_end_to_end(args, progress) -> dict[str, Any]:
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        width: int
+
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(2):
+                x = nn.relu(nn.Dense(self.width)(x))
+            return nn.Dense(10)(x)
+
+    model = MLP(args.e2e_width)
+    key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key_x, (args.e2e_batch, 784), jnp.float32)
+    y = jax.random.randint(key_y, (args.e2e_batch,), 0, 10)
+    params = model.init(key_init, x[:1])["params"]
+
+    def loss_fn(fast, x, y):
+        logits = model.apply({"params": fast}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def train_step(tx):
+        def step(params, opt_state, x, y):
+            grads = jax.grad(loss_fn)(fast_of(params), x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        return step
+
+    runners, stats = {}, {}
+    for name in CONTENDERS:
+        tx = make_transform(name, INNERS["adam"](), args.k, args.alpha)
+        wrapped = wrap_params(name, jax.tree.map(jnp.copy, params))
+        opt_state = tx.init(wrapped)
+        compiled, stats[name] = compile_step(train_step(tx), wrapped, opt_state, x, y)
+        runners[name] = Runner(compiled, wrapped, opt_state, x, y, steps=args.k)
+        runners[name].run(args.k)
+    steps = steps_per_block(runners["inner"].run(args.k), args.block_seconds, args.k)
+    for runner in runners.values():
+        runner.steps = steps
+    seconds = interleaved_rounds(runners, args.rounds, progress)
+    result = summarise(seconds, stats)
+    result.update(
+        kind="end_to_end", inner="adam", model=f"MLP 784-{args.e2e_width}-{args.e2e_width}-10",
+        batch=args.e2e_batch, params=sum(p.size for p in jax.tree.leaves(params)),
+        leaves=len(jax.tree.leaves(params)), params_bytes=tree_bytes(params),
+        steps_per_block=steps,
+    )
+    return result
+
+
+# -------------------------------------------------------------------------- report
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    def ratio(r):
+        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+
+    lines = [
+        "| benchmark | inner | params/leaves | inner step | lookahead_optax / inner "
+        "| optax.lookahead / inner | speed-up vs optax.lookahead | extra temp (x params) "
+        "| compile ratio | params-sized copies |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        stats = r["stats"]
+        params_bytes = r.get("params_bytes") or 4 * r["params"]
+        extra_temp = (stats["lookahead_optax"]["temp_bytes"] - stats["inner"]["temp_bytes"]) / (
+            params_bytes
+        )
+        where = "step" if r["kind"] == "optimizer_step" else "train step"
+        lines.append(
+            f"| {where} | {r['inner']} | {r['params'] / 1e6:.2g}M/"
+            f"{r['leaves']} "
+            f"| {r['time']['inner']['median_s'] * 1e3:.2f} ms "
+            f"| {ratio(r['ratio_vs_inner']['lookahead_optax'])} "
+            f"| {ratio(r['ratio_vs_inner']['optax.lookahead'])} "
+            f"| {ratio(r['speedup_vs_optax_lookahead'])} "
+            f"| {extra_temp:+.3f} "
+            f"| {r['compile_ratio_vs_inner']['lookahead_optax']:.2f}x "
+            f"| {stats['lookahead_optax']['params_sized_copies']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    info = machine_info()
+    configs = [] if args.e2e_only else [
+        (parse_size(size), inner)
+        for size in args.sizes.split(",")
+        for inner in args.inners.split(",")
+    ]
+    for _, inner in configs:
+        if inner not in INNERS:
+            raise ValueError(f"--inners must be from {sorted(INNERS)}, got {inner!r}")
+    with_e2e = args.e2e_only or not args.no_e2e
+    total = (len(configs) + with_e2e) * args.rounds * len(CONTENDERS)
+    results = []
+    with tqdm(total=total, desc="timing", unit="block") as progress:
+        for (size, leaves), inner in configs:
+            progress.set_postfix_str(f"{size / 1e6:g}M/{leaves} {inner}")
+            results.append(bench_optimizer(size, leaves, inner, args, progress))
+        if with_e2e:
+            progress.set_postfix_str("end to end")
+            results.append(bench_end_to_end(args, progress))
+    report = {
+        "machine": info,
+        "config": {
+            "k": args.k, "alpha": args.alpha, "rounds": args.rounds,
+            "block_seconds": args.block_seconds, "quick": args.quick,
+            "contenders": list(CONTENDERS),
+        },
+        "results": results,
+    }
+    out = args.out or (
+        Path(__file__).resolve().parent / "results"
+        / f"speed-{info['platform']}{'-quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"jax {info['jax']}, optax {info['optax']}, {info['device']} x{info['device_count']}, "
+        f"{info['cpu']} ({info['cpu_cores']} cores); k={args.k}, {args.rounds} rounds"
+    )
+    print(format_table(results))
+    compile_ratios = [r["compile_ratio_vs_inner"]["lookahead_optax"] for r in results]
+    print(f"median compile ratio: {statistics.median(compile_ratios):.2f}x")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
