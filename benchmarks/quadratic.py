@@ -108,7 +108,7 @@ def expected_loss(a, sigma2, mean, var):
 
 
 class NoisyRun(NamedTuple):
-    """Monte Carlo of the noisy quadratic, sampled every ``period`` steps.
+    """Monte Carlo of the noisy quadratic, sampled at the syncs (Lookahead) or every period (SGD).
 
     Attributes:
       steps: Step index of each sample, shape (n_samples,).
@@ -136,104 +136,84 @@ def steady_variance(run: NoisyRun) -> tuple[np.ndarray, np.ndarray]:
     return per_chain.mean(0), per_chain.std(0, ddof=1) / np.sqrt(per_chain.shape[0])
 
 
-def _simulate(tx, evaluate, key, a, sigma2, x0, *, period, n_samples, burn_in, chains):
-    a = jnp.asarray(a, jnp.float32)
-    sigma = jnp.sqrt(jnp.asarray(sigma2, jnp.float32))
-    params = jnp.broadcast_to(jnp.asarray(x0, jnp.float32), (chains, a.shape[0]))
+@functools.partial(jax.jit, static_argnames=("use_lookahead", "steps", "chains"))
+def _simulate(key, a, sigma2, x0, gamma, alpha, period, burn_in, *, use_lookahead, steps, chains):
+    # Everything but the optimizer kind and the array sizes is traced (k too), so
+    # a sweep over gamma, k, alpha and the burn-in compiles once.
+    if use_lookahead:
+        tx, evaluate = lo.lookahead(optax.sgd(gamma), k=period, alpha=alpha), lo.slow_params
+    else:
+        tx, evaluate = optax.sgd(gamma), lambda state, params: params
+    sigma = jnp.sqrt(sigma2)
+    params = jnp.broadcast_to(x0, (chains, a.shape[0]))
     state = jax.vmap(tx.init)(params)
     update = jax.vmap(tx.update)
 
-    def step(carry, step_key):
-        params, state = carry
+    def step(carry, inputs):
+        step_index, step_key = inputs  # the step just taken is step_index (1-based)
+        params, state, chain_sum, chain_count = carry
         centre = sigma * jax.random.normal(step_key, params.shape)
         grads = a * (params - centre)  # gradient of 1/2 (x - c)^T A (x - c)
         updates, state = update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
-
-    def sample(carry, inputs):
-        index, sample_key = inputs
-        (params, state), chain_sum = carry
-        (params, state), _ = jax.lax.scan(
-            step, (params, state), jax.random.split(sample_key, period)
-        )
+        params = optax.apply_updates(params, updates)
         weights = jax.vmap(evaluate)(state, params)
-        chain_sum = chain_sum + jnp.where(index >= burn_in, weights**2, 0.0)
-        return ((params, state), chain_sum), (weights.mean(0), (weights**2).mean(0))
+        keep = (step_index % period == 0) & (step_index > burn_in)
+        chain_sum = chain_sum + jnp.where(keep, weights**2, 0.0)
+        chain_count = chain_count + keep
+        carry = (params, state, chain_sum, chain_count)
+        return carry, (weights.mean(0), (weights**2).mean(0))
 
-    inputs = (jnp.arange(n_samples), jax.random.split(key, n_samples))
-    init = ((params, state), jnp.zeros_like(params))
-    (_, chain_sum), (mean, second_moment) = jax.lax.scan(sample, init, inputs)
-    return mean, second_moment, chain_sum / (n_samples - burn_in)
+    inputs = (jnp.arange(1, steps + 1), jax.random.split(key, steps))
+    init = (params, state, jnp.zeros_like(params), jnp.zeros([], jnp.int32))
+    (_, _, chain_sum, chain_count), (mean, second_moment) = jax.lax.scan(step, init, inputs)
+    return mean, second_moment, chain_sum / chain_count
 
 
-_STATIC = ("period", "n_samples", "chains")
-
-
-@functools.partial(jax.jit, static_argnames=("k",) + _STATIC)
-def _lookahead_run(key, a, sigma2, x0, gamma, alpha, *, k, period, n_samples, burn_in, chains):
-    # alpha and gamma are traced: a sweep over them compiles once per k.
-    tx = lo.lookahead(optax.sgd(gamma), k=k, alpha=alpha)
-    return _simulate(
-        tx, lo.slow_params, key, a, sigma2, x0,
-        period=period, n_samples=n_samples, burn_in=burn_in, chains=chains,
+def _run(use_lookahead, gamma, alpha, period, *, a, sigma2, x0, steps, burn_in, chains, seed):
+    if steps // period - burn_in // period < 2:
+        raise ValueError(f"steps must leave samples after the burn-in of {burn_in}, got {steps}")
+    f32 = functools.partial(np.asarray, dtype=np.float32)
+    arrays = _simulate(
+        jax.random.key(seed), f32(a), f32(sigma2), f32(x0), gamma, alpha, period, burn_in,
+        use_lookahead=use_lookahead, steps=steps, chains=chains,
     )  # fmt: skip
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _sgd_run(key, a, sigma2, x0, gamma, *, period, n_samples, burn_in, chains):
-    return _simulate(
-        optax.sgd(gamma), lambda state, params: params, key, a, sigma2, x0,
-        period=period, n_samples=n_samples, burn_in=burn_in, chains=chains,
-    )  # fmt: skip
-
-
-def _to_run(period, n_samples, arrays) -> NoisyRun:
     mean, second_moment, chain_second_moment = (np.asarray(x, float) for x in arrays)
-    steps = period * np.arange(1, n_samples + 1)
-    return NoisyRun(steps, mean, second_moment, chain_second_moment)
+    sampled = np.arange(period, steps + 1, period)
+    return NoisyRun(sampled, mean[sampled - 1], second_moment[sampled - 1], chain_second_moment)
 
 
 def simulate_lookahead(
-    gamma, k, alpha, *, a=PAPER_A, sigma2=PAPER_SIGMA2, x0=0.0, cycles=2000, burn_in=500,
-    chains=4096, seed=0,
+    gamma, k, alpha, *, a=PAPER_A, sigma2=PAPER_SIGMA2, x0=0.0, steps=5000, burn_in=2500,
+    chains=1024, seed=0,
 ) -> NoisyRun:  # fmt: skip
     """Runs ``lo.lookahead(optax.sgd(gamma), k, alpha)`` on many noisy-quadratic chains.
 
-    The slow weights (``lo.slow_params``) are sampled at every sync, i.e. after
-    steps k, 2k, ...; the first ``burn_in`` samples are left out of
-    ``chain_second_moment``.
+    The slow weights (``lo.slow_params``) are sampled at every sync, after steps
+    k, 2k, ...; those up to step ``burn_in`` are left out of ``chain_second_moment``.
 
-    >>> run = simulate_lookahead(0.5, 5, 0.5, a=[1.0], sigma2=[1.0], cycles=40, burn_in=10,
+    >>> run = simulate_lookahead(0.5, 5, 0.5, a=[1.0], sigma2=[1.0], steps=200, burn_in=50,
     ...                          chains=256)
-    >>> run.mean.shape, run.chain_second_moment.shape, int(run.steps[0])
-    ((40, 1), (256, 1), 5)
+    >>> run.mean.shape, run.chain_second_moment.shape, run.steps[:2].tolist()
+    ((40, 1), (256, 1), [5, 10])
     """
-    arrays = _lookahead_run(
-        jax.random.key(seed), np.asarray(a, np.float32), np.asarray(sigma2, np.float32),
-        np.asarray(x0, np.float32), gamma, alpha,
-        k=k, period=k, n_samples=cycles, burn_in=burn_in, chains=chains,
-    )  # fmt: skip
-    return _to_run(k, cycles, arrays)
+    return _run(True, gamma, alpha, k, a=a, sigma2=sigma2, x0=x0, steps=steps, burn_in=burn_in,
+                chains=chains, seed=seed)  # fmt: skip
 
 
 def simulate_sgd(
-    gamma, *, a=PAPER_A, sigma2=PAPER_SIGMA2, x0=0.0, steps=2000, burn_in=500, period=1,
-    chains=4096, seed=0,
+    gamma, *, a=PAPER_A, sigma2=PAPER_SIGMA2, x0=0.0, steps=5000, burn_in=2500, period=1,
+    chains=1024, seed=0,
 ) -> NoisyRun:  # fmt: skip
     """Runs ``optax.sgd(gamma)`` on many noisy-quadratic chains, sampled every ``period`` steps.
 
-    ``steps`` and ``burn_in`` count samples, so the run takes ``steps * period`` steps.
+    With the same seed, the chains see the same noise as :func:`simulate_lookahead`'s.
 
     >>> run = simulate_sgd(0.5, a=[1.0], sigma2=[1.0], steps=30, burn_in=10, chains=128)
     >>> run.second_moment.shape
     (30, 1)
     """
-    arrays = _sgd_run(
-        jax.random.key(seed), np.asarray(a, np.float32), np.asarray(sigma2, np.float32),
-        np.asarray(x0, np.float32), gamma,
-        period=period, n_samples=steps, burn_in=burn_in, chains=chains,
-    )  # fmt: skip
-    return _to_run(period, steps, arrays)
+    return _run(False, gamma, 1.0, period, a=a, sigma2=sigma2, x0=x0, steps=steps,
+                burn_in=burn_in, chains=chains, seed=seed)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -428,18 +408,18 @@ def momentum_table(
     return rows
 
 
-def burn_in_cycles(gamma, k, alpha, a=PAPER_A, tol=1e-3) -> int:
-    """Cycles after which the start has faded to ``tol`` in the variance of every coordinate.
+def burn_in_steps(gamma, k, alpha, a=PAPER_A, tol=1e-3) -> int:
+    """Steps after which the start has faded to ``tol`` in the variance of every coordinate.
 
     Both moments forget the start through the per-cycle contraction of the mean,
     1 - alpha + alpha q^k (the variance through its square): the deterministic
-    part of the dynamics, not the variance formula under test.
+    part of the dynamics, not the variance formula under test. SGD is k=1, alpha=1.
 
-    >>> burn_in_cycles(0.5, 1, 1.0, a=[1.0, 0.01])  # SGD: 0.995^(2t) < 1e-3
+    >>> burn_in_steps(0.5, 1, 1.0, a=[1.0, 0.01])  # SGD: 0.995^(2t) < 1e-3
     690
     """
     contraction = np.max(gd_lookahead_factor(gamma, a, k, alpha))
-    return int(np.ceil(np.log(tol) / (2 * np.log(contraction))))
+    return k * int(np.ceil(np.log(tol) / (2 * np.log(contraction))))
 
 
 def steady_state_run(
@@ -447,23 +427,16 @@ def steady_state_run(
 ) -> NoisyRun:
     """Steady-state Monte Carlo from x0 = 0 over ``steps`` steps: Lookahead, or SGD when k is None.
 
-    The burn-in is :func:`burn_in_cycles`; runs with the same (k, steps,
-    chains) share one compilation, whatever gamma and alpha.
+    The burn-in is :func:`burn_in_steps`. Runs with the same ``steps`` and
+    ``chains`` share one compilation, whatever gamma, k and alpha.
     """
     if k is None:
-        burn_in = burn_in_cycles(gamma, 1, 1.0, a)
-        run = simulate_sgd(gamma, a=a, sigma2=sigma2, steps=steps, burn_in=burn_in, chains=chains,
-                           seed=seed)  # fmt: skip
-    else:
-        burn_in = burn_in_cycles(gamma, k, alpha, a)
-        cycles = steps // k
-        run = simulate_lookahead(gamma, k, alpha, a=a, sigma2=sigma2, cycles=cycles,
-                                 burn_in=burn_in, chains=chains, seed=seed)  # fmt: skip
-    if run.steps.shape[0] - burn_in < 100:
-        raise ValueError(
-            f"steps must leave 100 samples after the burn-in of {burn_in}, got steps={steps}"
-        )
-    return run
+        burn_in = burn_in_steps(gamma, 1, 1.0, a)
+        return simulate_sgd(gamma, a=a, sigma2=sigma2, steps=steps, burn_in=burn_in,
+                            chains=chains, seed=seed)  # fmt: skip
+    burn_in = burn_in_steps(gamma, k, alpha, a)
+    return simulate_lookahead(gamma, k, alpha, a=a, sigma2=sigma2, steps=steps, burn_in=burn_in,
+                              chains=chains, seed=seed)  # fmt: skip
 
 
 def variance_table(

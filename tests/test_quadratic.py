@@ -60,13 +60,12 @@ def test_lookahead_variance_recursion_converges_to_closed_form():
 
 def test_alpha_one_is_plain_sgd():
     k = 5
-    cycles = STEPS // k
-    burn_in = qd.burn_in_cycles(GAMMA, k, 1.0)
-    lookahead = qd.simulate_lookahead(GAMMA, k, 1.0, cycles=cycles, burn_in=burn_in,
+    burn_in = qd.burn_in_steps(GAMMA, k, 1.0)
+    lookahead = qd.simulate_lookahead(GAMMA, k, 1.0, steps=STEPS, burn_in=burn_in,
                                       chains=CHAINS, seed=3)  # fmt: skip
-    # Same seed and period: SGD sees the same noise, so the slow weights at the
-    # syncs are SGD's iterates at steps k, 2k, ... (up to rounding).
-    sgd = qd.simulate_sgd(GAMMA, steps=cycles, burn_in=burn_in, period=k, chains=CHAINS, seed=3)
+    # Same seed: SGD sees the same noise, so the slow weights at the syncs are
+    # SGD's iterates at steps k, 2k, ... (up to rounding).
+    sgd = qd.simulate_sgd(GAMMA, steps=STEPS, burn_in=burn_in, period=k, chains=CHAINS, seed=3)
     np.testing.assert_allclose(lookahead.second_moment, sgd.second_moment, rtol=1e-4)
     np.testing.assert_allclose(
         lookahead.chain_second_moment, sgd.chain_second_moment, rtol=1e-4, atol=1e-9
@@ -108,10 +107,13 @@ def test_one_library_cycle_is_the_cycle_matrix(inner_state):
     state = state._replace(inner_state=momentum)
     if inner_state == "pullback":
         state = state._replace(cycle_start=momentum)
-    params = phi
-    for _ in range(k):
+
+    def step(_, carry):
+        params, state = carry
         updates, state = tx.update(a * params, state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    params, state = jax.jit(lambda carry: jax.lax.fori_loop(0, k, step, carry))((phi, state))
     library_map = np.stack([np.asarray(params), np.asarray(state.inner_state[0].trace)])
     expected = qd.lookahead_cycle_matrix(gamma, a, beta, k, alpha, inner_state)
     np.testing.assert_allclose(library_map, expected, rtol=1e-5, atol=1e-6)
