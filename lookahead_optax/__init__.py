@@ -1,9 +1,17 @@
 """Lookahead ("k steps forward, 1 step back") as a drop-in optax transformation."""
 
-from lookahead_optax._flax import nnx_slow_model
+from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._slow import slow_params
 
 __version__ = "0.1.0"
 
-__all__ = ["LookaheadState", "lookahead", "slow_params", "nnx_slow_model", "__version__"]
+__all__ = [
+    "LookaheadState",
+    "lookahead",
+    "slow_params",
+    "AdaptiveAlpha",
+    "AdaptiveAlphaState",
+    "adaptive_alpha",
+    "__version__",
+]

@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, PyTree
 
+from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState
+
 InnerStatePolicy = Literal["keep", "reset", "pullback"]
 AlphaLike = float | Array | Callable[[Array], Array]
 _INNER_STATE_POLICIES = ("keep", "reset", "pullback")
@@ -38,6 +40,9 @@ class LookaheadState(NamedTuple):
         uses ``alpha(j)`` when alpha is a schedule.
       cycle_start: With ``inner_state="pullback"``, the inner state at the
         start of the current cycle; ``None`` otherwise.
+      adaptive: With ``alpha=adaptive_alpha(...)``, its ``AdaptiveAlphaState``;
+        ``None`` otherwise (a trailing field defaulting to None, so the default
+        configuration's state has the same leaves as without it).
     """
 
     inner_state: optax.OptState
@@ -45,6 +50,7 @@ class LookaheadState(NamedTuple):
     count: Array
     syncs: Array
     cycle_start: optax.OptState = None
+    adaptive: AdaptiveAlphaState | None = None
 
 
 def _is_traced(value: Any) -> bool:
@@ -67,7 +73,7 @@ def _check_k(k: Any) -> None:
 
 
 def _check_alpha(alpha: Any) -> None:
-    if callable(alpha) or _is_traced(alpha):
+    if isinstance(alpha, AdaptiveAlpha) or callable(alpha) or _is_traced(alpha):
         return
     is_number = isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, np.bool_))
     is_scalar_array = isinstance(alpha, (np.ndarray, jax.Array, np.floating)) and np.ndim(alpha) == 0
@@ -109,6 +115,13 @@ def _interpolate_floats(start: PyTree, end: PyTree, alpha: Array) -> PyTree:
         return (s + alpha.astype(e.dtype) * (e - s)).astype(e.dtype)
 
     return jax.tree.map(interpolate, start, end)
+
+
+def _times(x: Any, one: Array) -> Any:
+    """x * one for real floating arrays (exact for one == 1, even for -0, inf and nan)."""
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+        return x * one.astype(x.dtype)
+    return x
 
 
 def _match_types(new: PyTree, like: PyTree) -> PyTree:
@@ -153,7 +166,9 @@ def lookahead(
         ``optax.inject_hyperparams``).
       alpha: Slow step size in (0, 1], a scalar array, or a schedule: a
         callable of the sync index j = 0, 1, 2, ... (the j-th sync uses
-        ``alpha(j)``). ``alpha=1`` recovers the inner optimizer.
+        ``alpha(j)``), or :func:`lookahead_optax.adaptive_alpha` (the paper's
+        line search on a diagonal quadratic model). ``alpha=1`` recovers the
+        inner optimizer.
       inner_state: What happens to the inner state at a sync. ``"keep"``
         (default) carries it over; ``"reset"`` re-initialises it from the
         params after the sync; ``"pullback"`` interpolates its floating leaves
@@ -213,36 +228,72 @@ def lookahead(
                 if inner_state == "pullback"
                 else None
             ),
+            adaptive=(
+                alpha.init(params, inner_init) if isinstance(alpha, AdaptiveAlpha) else None
+            ),
         )
 
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
         _check_params(params, state.slow)
-        inner_updates, new_inner_state = inner.update(
-            updates, state.inner_state, params, **extra_args
-        )
+
+        def inner_step(grads):
+            return inner.update(grads, state.inner_state, params, **extra_args)
+
         count = state.count + 1
         sync = count >= k
-        step_alpha = alpha(state.syncs) if callable(alpha) else alpha
+        adaptive = None
+        # The inner step's result when something needs it before the sync's cond; the fast
+        # path (None) runs the inner step after the cond, see below.
+        inner_before_sync = None
+        if isinstance(alpha, AdaptiveAlpha):  # a Python branch: the default path is unchanged
+            inner_before_sync = inner_step(updates)
+            inner_updates, new_inner_state = inner_before_sync
+            step_alpha, adaptive = alpha.step(
+                sync, updates, inner_updates, params, state.slow, new_inner_state, state.adaptive
+            )
+        else:
+            step_alpha = alpha(state.syncs) if callable(alpha) else alpha
         step_alpha = jnp.asarray(step_alpha)
 
         def slow_step(u, p, slow):
             fast = p.astype(slow.dtype) + u.astype(slow.dtype)
             return slow + step_alpha.astype(slow.dtype) * (fast - slow)
 
+        # Arranged for XLA (CPU), measured with benchmarks/speed.py; simpler forms cost
+        # 2.5-4x the inner step and a params-sized temp buffer:
+        # - The cond touches only the step's inputs. Its sync branch recomputes the inner
+        #   update from (grads, inner state, params) instead of taking it as an operand:
+        #   an inner update that flows into a cond is written to memory on every step. The
+        #   non-sync branch passes the slow weights (an input) through, free when donated.
+        # - The returned update is one elementwise select in which the inner update appears
+        #   once, so XLA fuses it with the inner optimizer's arithmetic and the caller's
+        #   apply_updates; it is never written to memory. Non-sync steps read the slow
+        #   weights once more, nothing else.
+        # - The cond also returns a scalar 1 that multiplies the grads of the inner step
+        #   (x * 1 == x exactly). The data dependence runs the inner step after the cond;
+        #   without it XLA cannot tell that the cond reads the old inner state before the
+        #   inner step overwrites it in place (donation) and copies every params-sized
+        #   inner state leaf on every step.
         def synced():
-            new_slow = jax.tree.map(slow_step, inner_updates, params, state.slow)
-            new_updates = jax.tree.map(
-                lambda s, p, u: (s.astype(jnp.promote_types(s.dtype, p.dtype)) - p).astype(u.dtype),
-                new_slow,
-                params,
-                inner_updates,
-            )
-            return new_updates, new_slow
+            fast_updates = (inner_before_sync or inner_step(updates))[0]
+            new_slow = jax.tree.map(slow_step, fast_updates, params, state.slow)
+            return new_slow, jnp.ones([], jnp.float32)
 
         def not_synced():
-            return inner_updates, state.slow
+            return state.slow, jnp.ones([], jnp.float32)
 
-        new_updates, new_slow = jax.lax.cond(sync, synced, not_synced)
+        new_slow, one = jax.lax.cond(sync, synced, not_synced)
+        if inner_before_sync is None:
+            ordered_grads = jax.tree.map(lambda g: _times(g, one), updates)
+            inner_updates, new_inner_state = inner_step(ordered_grads)
+        new_updates = jax.tree.map(
+            lambda s, p, u: jnp.where(
+                sync, (s.astype(jnp.promote_types(s.dtype, p.dtype)) - p).astype(u.dtype), u
+            ),
+            new_slow,
+            params,
+            inner_updates,
+        )
         new_inner_state, cycle_start = _sync_inner_state(
             sync, new_inner_state, state.cycle_start, new_slow, params, step_alpha
         )
@@ -252,6 +303,7 @@ def lookahead(
             count=jnp.where(sync, 0, count).astype(jnp.int32),
             syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs),
             cycle_start=cycle_start,
+            adaptive=adaptive,
         )
         return new_updates, new_state
 
