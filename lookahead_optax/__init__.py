@@ -1,6 +1,7 @@
 """Lookahead ("k steps forward, 1 step back") as a drop-in optax transformation."""
 
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
+from lookahead_optax._flax import nnx_slow_model
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._slow import slow_params
 
@@ -10,6 +11,7 @@ __all__ = [
     "LookaheadState",
     "lookahead",
     "slow_params",
+    "nnx_slow_model",
     "AdaptiveAlpha",
     "AdaptiveAlphaState",
     "adaptive_alpha",
