@@ -1,0 +1,425 @@
+"""lookahead composed with optax's wrappers, in both directions, against the plain reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+from tests import helpers
+from tests import reference as ref
+
+PROBLEM = ref.LogisticQuadratic()
+TOL = dict(rtol=2e-5, atol=2e-5)
+loss_grad = jax.jit(jax.grad(PROBLEM.loss))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def strict_promotion():
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+def initial_params():
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), PROBLEM.params0)
+
+
+def poison(grads):
+    """The gradient with one leaf set to inf."""
+    return {**grads, "w": grads["w"].at[0].set(jnp.inf)}
+
+
+def run(tx, num_steps, inf_steps=(), state_edit=None):
+    """Python loop over a jitted update; params and slow_params after every step.
+
+    ``inf_steps``: 1-based steps whose gradient gets an inf. ``state_edit``: applied
+    to the state after init (to change an injected hyperparameter).
+    """
+    update = jax.jit(tx.update)
+    params = initial_params()
+    state = tx.init(params)
+    if state_edit is not None:
+        state = state_edit(state)
+    history = []
+    for step in range(1, num_steps + 1):
+        grads = loss_grad(params)
+        if step in inf_steps:
+            grads = poison(grads)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append((params, lo.slow_params(state, params)))
+    return history, state
+
+
+def assert_close(tree, expected_leaves, **tol):
+    for got, want in zip(jax.tree.leaves(tree), expected_leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, **(tol or TOL))
+
+
+def assert_matches(history, fast, slow):
+    assert len(history) == len(fast)
+    for (params, slow_params), fast_ref, slow_ref in zip(history, fast, slow):
+        assert_close(params, fast_ref)
+        assert_close(slow_params, slow_ref)
+
+
+def reference_lookahead(inner, k, alpha, num_steps, grad_fn=PROBLEM.grad):
+    return ref.lookahead_trajectory(PROBLEM.leaves0(), grad_fn, inner, k, alpha, num_steps)
+
+
+# ---- reference inner optimizers for the wrappers (numpy, from their definitions) ----
+
+
+class ClippedSGD:
+    """clip_by_global_norm(max_norm) then SGD."""
+
+    def __init__(self, lr, max_norm):
+        self.sgd, self.max_norm = ref.SGD(lr), max_norm
+
+    def init(self, params):
+        return ()
+
+    def step(self, grads, state, params):
+        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+        scale = min(1.0, self.max_norm / norm)
+        return self.sgd.step([g * scale for g in grads], state, params)
+
+
+class Accumulate:
+    """MultiSteps: average m micro-gradients, step on the m-th, zero updates otherwise."""
+
+    def __init__(self, inner, m):
+        self.inner, self.m = inner, m
+
+    def init(self, params):
+        return (0, [np.zeros_like(p) for p in params], self.inner.init(params))
+
+    def step(self, grads, state, params):
+        micro, total, inner_state = state
+        total = [t + g for t, g in zip(total, grads)]
+        if micro + 1 < self.m:
+            return [np.zeros_like(p) for p in params], (micro + 1, total, inner_state)
+        updates, inner_state = self.inner.step([t / self.m for t in total], inner_state, params)
+        return updates, (0, [np.zeros_like(p) for p in params], inner_state)
+
+
+class SkipNonFinite:
+    """apply_if_finite: a non-finite gradient gives a zero update and leaves the state alone."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def init(self, params):
+        return self.inner.init(params)
+
+    def step(self, grads, state, params):
+        if not all(np.all(np.isfinite(g)) for g in grads):
+            return [np.zeros_like(p) for p in params], state
+        return self.inner.step(grads, state, params)
+
+
+def grads_with_inf_at(inf_steps):
+    """PROBLEM.grad with leaf w[0] set to inf on the given 1-based calls."""
+    calls = 0
+
+    def grad_fn(leaves):
+        nonlocal calls
+        calls += 1
+        grads = PROBLEM.grad(leaves)
+        if calls in inf_steps:
+            grads[2] = grads[2].copy()
+            grads[2][0] = np.inf
+        return grads
+
+    return grad_fn
+
+
+# ---- optax.chain ----
+
+
+def test_lookahead_inside_chain_after_clipping():
+    tx = optax.chain(optax.clip_by_global_norm(0.3), lo.lookahead(optax.sgd(0.5), k=3, alpha=0.6))
+    history, _ = run(tx, 8)
+    assert_matches(history, *reference_lookahead(ClippedSGD(0.5, 0.3), 3, 0.6, 8))
+
+
+def test_chain_inside_lookahead():
+    inner = optax.chain(optax.clip_by_global_norm(0.3), optax.sgd(0.5))
+    history, _ = run(lo.lookahead(inner, k=3, alpha=0.6), 8)
+    assert_matches(history, *reference_lookahead(ClippedSGD(0.5, 0.3), 3, 0.6, 8))
+
+
+# ---- optax.MultiSteps ----
+
+
+def test_multisteps_around_lookahead():
+    """Lookahead sees one averaged gradient every m calls; micro steps move nothing."""
+    m, k = 3, 2
+    tx = helpers.multi_steps(lo.lookahead(optax.sgd(0.2, momentum=0.9), k=k, alpha=0.5), m)
+    history, _ = run(tx, 4 * m)
+    # Params do not move during micro steps, so the averaged gradient is the gradient.
+    fast, slow = reference_lookahead(ref.Momentum(0.2, 0.9), k, 0.5, 4)
+    previous = (initial_params(), initial_params())
+    for call, (params, slow_params) in enumerate(history, start=1):
+        if call % m:
+            for got, before in zip(jax.tree.leaves((params, slow_params)),
+                                   jax.tree.leaves(previous)):
+                np.testing.assert_array_equal(got, before)
+        else:
+            assert_close(params, fast[call // m - 1])
+            assert_close(slow_params, slow[call // m - 1])
+        previous = (params, slow_params)
+
+
+def test_lookahead_around_multisteps():
+    """Every call counts as an inner step, including the accumulating ones."""
+    m, k = 2, 3
+    inner = helpers.multi_steps(optax.sgd(0.3, momentum=0.9), m)
+    history, _ = run(lo.lookahead(inner, k=k, alpha=0.5), 12)
+    assert_matches(history, *reference_lookahead(Accumulate(ref.Momentum(0.3, 0.9), m), k, 0.5, 12))
+
+
+# ---- optax.apply_if_finite: a non-finite gradient never reaches params or slow weights ----
+
+# With k=3: call 2 is a non-sync step, call 6 a sync step.
+INF_STEPS = (2, 6)
+
+
+def _all_finite(history):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(history))
+
+
+def test_apply_if_finite_around_lookahead():
+    """A skipped call does not count: the run equals the reference on the finite calls only."""
+    tx = optax.apply_if_finite(lo.lookahead(optax.sgd(0.3), k=3, alpha=0.5), 5)
+    history, state = run(tx, 10, inf_steps=INF_STEPS)
+    assert _all_finite(history)
+    fast, slow = reference_lookahead(ref.SGD(0.3), 3, 0.5, 10 - len(INF_STEPS))
+    finite = 0
+    for call, (params, slow_params) in enumerate(history, start=1):
+        if call not in INF_STEPS:
+            finite += 1
+        expected = (fast[finite - 1], slow[finite - 1]) if finite else (PROBLEM.leaves0(),) * 2
+        assert_close(params, expected[0])
+        assert_close(slow_params, expected[1])
+    assert int(state.total_notfinite) == len(INF_STEPS)
+
+
+def test_lookahead_around_apply_if_finite():
+    """The inner step is skipped (zero update) but counted; a sync still happens on call 6."""
+    tx = lo.lookahead(optax.apply_if_finite(optax.sgd(0.3), 5), k=3, alpha=0.5)
+    history, state = run(tx, 10, inf_steps=INF_STEPS)
+    assert _all_finite(history)
+    fast, slow = reference_lookahead(
+        SkipNonFinite(ref.SGD(0.3)), 3, 0.5, 10, grad_fn=grads_with_inf_at(INF_STEPS)
+    )
+    assert_matches(history, fast, slow)
+    assert int(state.syncs) == 3
+
+
+def test_inf_gradient_without_a_guard_does_poison():
+    """Guards the two tests above: the injected inf really is harmful when unguarded."""
+    history, _ = run(lo.lookahead(optax.sgd(0.3), k=3, alpha=0.5), 3, inf_steps=(2,))
+    assert not _all_finite(history[-1])
+
+
+# ---- optax.inject_hyperparams ----
+
+
+@pytest.mark.parametrize("static_args", [(), ("k",)], ids=["k-traced", "k-static"])
+def test_inject_hyperparams_equals_the_plain_transform(static_args):
+    make = optax.inject_hyperparams(lo.lookahead, static_args=static_args)
+    injected, _ = run(make(optax.sgd(0.2, momentum=0.9), k=3, alpha=0.5), 8)
+    plain, _ = run(lo.lookahead(optax.sgd(0.2, momentum=0.9), k=3, alpha=0.5), 8)
+    for got, want in zip(jax.tree.leaves(injected), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert_matches(injected, *reference_lookahead(ref.Momentum(0.2, 0.9), 3, 0.5, 8))
+
+
+def _set_hyperparam(name, value, dtype):
+    def edit(state):
+        return state._replace(hyperparams={**state.hyperparams, name: jnp.asarray(value, dtype)})
+
+    return edit
+
+
+def test_alpha_is_live_under_jit():
+    """Changing state.hyperparams['alpha'] changes the result, without a retrace."""
+    traces = 0
+    tx = optax.inject_hyperparams(lo.lookahead)(optax.sgd(0.2), k=2, alpha=0.5)
+
+    @jax.jit
+    def step(params, state):
+        nonlocal traces
+        traces += 1
+        updates, state = tx.update(loss_grad(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for alpha in (0.5, 0.8):
+        params = initial_params()
+        state = _set_hyperparam("alpha", alpha, jnp.float32)(tx.init(params))
+        for _ in range(5):
+            params, state = step(params, state)
+        fast, slow = reference_lookahead(ref.SGD(0.2), 2, alpha, 5)
+        assert_close(params, fast[-1])
+        assert_close(lo.slow_params(state, params), slow[-1])
+    assert traces == 1
+
+
+def test_traced_k_is_live_under_jit():
+    tx = optax.inject_hyperparams(lo.lookahead)(optax.sgd(0.2), k=5, alpha=0.5)
+    history, state = run(tx, 7, state_edit=_set_hyperparam("k", 2, jnp.int32))
+    assert_matches(history, *reference_lookahead(ref.SGD(0.2), 2, 0.5, 7))
+    assert int(state.inner_state.syncs) == 3
+
+
+# ---- optax.tree.map_params, masked, multi_transform ----
+
+
+def test_tree_map_params_maps_the_slow_weights():
+    tx = lo.lookahead(helpers.adam(0.1), k=3)
+    params = initial_params()
+    state = tx.init(params)
+    _, state = tx.update(loss_grad(params), state, params)
+    mapped = optax.tree.map_params(tx, lambda v: v.astype(jnp.bfloat16), state)
+    for slow, before in zip(jax.tree.leaves(mapped.slow), jax.tree.leaves(state.slow)):
+        assert slow.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(slow, before.astype(jnp.bfloat16))
+    assert mapped.count.dtype == jnp.int32 and int(mapped.count) == 1
+    mu = optax.tree_utils.tree_get(mapped.inner_state, "mu")
+    assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert optax.tree_utils.tree_get(mapped.inner_state, "count").dtype == jnp.int32
+
+
+MASK = {"b": False, "w": False, "head": {"q": True}}
+# In PROBLEM the quadratic head q and the logistic leaves (b, w) do not interact,
+# so each group can be checked against its own reference run. Leaves: [b, q, w].
+HEAD, LOGISTIC = [1], [0, 2]
+
+
+def _assert_groups(history, head_fast, head_slow, logistic_fast):
+    for (params, slow_params), hf, hs, lf in zip(history, head_fast, head_slow, logistic_fast):
+        leaves, slow_leaves = jax.tree.leaves(params), jax.tree.leaves(slow_params)
+        for i in HEAD:
+            np.testing.assert_allclose(leaves[i], hf[i], **TOL)
+            np.testing.assert_allclose(slow_leaves[i], hs[i], **TOL)
+        for i in LOGISTIC:  # no lookahead here: slow_params gives the params back
+            np.testing.assert_allclose(leaves[i], lf[i], **TOL)
+            np.testing.assert_array_equal(slow_leaves[i], leaves[i])
+
+
+def test_masked():
+    not_mask = jax.tree.map(lambda m: not m, MASK)
+    tx = optax.chain(
+        optax.masked(lo.lookahead(optax.sgd(0.2), k=3, alpha=0.5), MASK),
+        optax.masked(optax.sgd(0.2, momentum=0.9), not_mask),
+    )
+    history, _ = run(tx, 7)
+    head_fast, head_slow = reference_lookahead(ref.SGD(0.2), 3, 0.5, 7)
+    logistic = ref.inner_trajectory(PROBLEM.leaves0(), PROBLEM.grad, ref.Momentum(0.2, 0.9), 7)
+    _assert_groups(history, head_fast, head_slow, logistic)
+
+
+def test_multi_transform():
+    labels = jax.tree.map(lambda m: "lookahead" if m else "plain", MASK)
+    tx = optax.multi_transform(
+        {"lookahead": lo.lookahead(optax.sgd(0.2), k=3, alpha=0.5),
+         "plain": optax.sgd(0.2, momentum=0.9)},
+        labels,
+    )
+    history, _ = run(tx, 7)
+    head_fast, head_slow = reference_lookahead(ref.SGD(0.2), 3, 0.5, 7)
+    logistic = ref.inner_trajectory(PROBLEM.leaves0(), PROBLEM.grad, ref.Momentum(0.2, 0.9), 7)
+    _assert_groups(history, head_fast, head_slow, logistic)
+
+
+# ---- slow_params finds the state everywhere ----
+
+def _lookahead_sgd():
+    return lo.lookahead(optax.sgd(0.2), k=3, alpha=0.5)
+
+
+ALL_LEAVES = jax.tree.map(lambda _: True, MASK)
+WRAPPED = {
+    "plain": _lookahead_sgd,
+    "chain": lambda: optax.chain(optax.identity(), _lookahead_sgd()),
+    "inject_hyperparams": lambda: optax.inject_hyperparams(lo.lookahead)(
+        optax.sgd(0.2), k=3, alpha=0.5
+    ),
+    "inject_hyperparams-chain": lambda: optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(optax.scale(learning_rate), _lookahead_sgd())
+    )(learning_rate=1.0),
+    "multisteps": lambda: helpers.multi_steps(_lookahead_sgd(), 1),
+    "apply_if_finite": lambda: optax.apply_if_finite(_lookahead_sgd(), 3),
+    "masked": lambda: optax.masked(_lookahead_sgd(), ALL_LEAVES),
+    "multi_transform": lambda: optax.multi_transform(
+        {"a": _lookahead_sgd()}, jax.tree.map(lambda _: "a", MASK)
+    ),
+}
+
+
+@pytest.mark.parametrize("wrapped", WRAPPED)
+def test_slow_params_finds_the_state(wrapped):
+    history, state = run(WRAPPED[wrapped](), 4)
+    _, slow = reference_lookahead(ref.SGD(0.2), 3, 0.5, 4)
+    for (params, slow_params), want in zip(history, slow):
+        assert_close(slow_params, want)
+        assert jax.tree.structure(slow_params) == jax.tree.structure(params)
+    # Pure: the same under jit.
+    params = history[-1][0]
+    assert_close(jax.jit(lo.slow_params)(state, params), slow[-1])
+
+
+# ---- optax.lbfgs: value, grad and value_fn reach the inner optimizer ----
+
+
+def _lbfgs():
+    # A backtracking line search compiles much faster than the default zoom one
+    # and needs the same extra arguments (value, grad, value_fn).
+    linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=10, store_grad=True)
+    return optax.lbfgs(linesearch=linesearch)
+
+
+def _lbfgs_step(tx):
+    value_and_grad = jax.value_and_grad(PROBLEM.loss)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = value_and_grad(params)
+        updates, state = tx.update(
+            grads, state, params, value=value, grad=grads, value_fn=PROBLEM.loss
+        )
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _lbfgs_by_hand(num_steps, k, alpha):
+    """lbfgs with Algorithm 1 written out by hand: the inner state is kept across syncs."""
+    inner = _lbfgs()
+    inner_step = _lbfgs_step(inner)
+    params = slow = initial_params()
+    state = inner.init(params)
+    history = []
+    for step in range(1, num_steps + 1):
+        params, state = inner_step(params, state)
+        if step % k == 0:
+            slow = jax.tree.map(lambda s, f: s + alpha * (f - s), slow, params)
+            params = slow
+        history.append(params)
+    return history
+
+
+def test_lookahead_of_lbfgs():
+    k, alpha = 3, 0.5
+    tx = lo.lookahead(_lbfgs(), k=k, alpha=alpha)
+    step = _lbfgs_step(tx)
+    params = initial_params()
+    state = tx.init(params)
+    for want in _lbfgs_by_hand(7, k, alpha):
+        params, state = step(params, state)
+        for got, w in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+    # lbfgs really moved (the extra arguments reached it): the loss went down.
+    assert float(PROBLEM.loss(params)) < 0.5 * float(PROBLEM.loss(initial_params()))
