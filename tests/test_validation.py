@@ -51,7 +51,13 @@ def test_bad_slow_dtype():
 
 @pytest.mark.parametrize(
     ("k", "alpha"),
-    [(1, 1.0), (1, 1), (7, 1e-6), (np.int32(3), np.float32(0.5)), (jnp.asarray(4), jnp.asarray(0.8))],
+    [
+        (1, 1.0),
+        (1, 1),
+        (7, 1e-6),
+        (np.int32(3), np.float32(0.5)),
+        (jnp.asarray(4), jnp.asarray(0.8)),
+    ],
 )
 def test_good_values_are_accepted(k, alpha):
     tx = lo.lookahead(optax.sgd(0.1), k=k, alpha=alpha)
