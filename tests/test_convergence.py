@@ -1,0 +1,175 @@
+"""The convergence benchmark: its dataset loaders and a short end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import _data  # noqa: E402
+import convergence  # noqa: E402
+
+TRAIN_PER_BATCH = 6
+NUM_TEST = 8
+
+
+def _write_cifar10_batches(directory: Path, rng: np.random.Generator) -> dict[str, dict]:
+    """Writes data_batch_1..5 and test_batch like the real archive; returns what was written."""
+    directory.mkdir(parents=True)
+    written = {}
+    for index, name in enumerate([*_data.CIFAR10_TRAIN_FILES, _data.CIFAR10_TEST_FILE]):
+        size = NUM_TEST if name == _data.CIFAR10_TEST_FILE else TRAIN_PER_BATCH
+        batch = {
+            b"batch_label": f"batch {index}".encode(),
+            b"data": rng.integers(0, 256, size=(size, 3072), dtype=np.uint8),
+            b"labels": [int(label) for label in rng.integers(0, 10, size=size)],
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(size)],
+        }
+        with open(directory / name, "wb") as f:
+            pickle.dump(batch, f)
+        written[name] = batch
+    return written
+
+
+@pytest.fixture
+def cifar10(tmp_path):
+    """A tiny CIFAR-10 in both forms: the extracted directory and the .tar.gz archive."""
+    extracted_parent = tmp_path / "extracted"
+    batches_dir = extracted_parent / _data.CIFAR10_DIR
+    written = _write_cifar10_batches(batches_dir, np.random.default_rng(0))
+    archive = tmp_path / "archive" / _data.CIFAR10_ARCHIVE
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(batches_dir, arcname=_data.CIFAR10_DIR)
+    return {"written": written, "parent": extracted_parent, "dir": batches_dir, "archive": archive}
+
+
+def _expected_images(batch: dict) -> np.ndarray:
+    """[N, 32, 32, 3] in [0, 1], pixel by pixel from the documented row layout."""
+    data = batch[b"data"]
+    images = np.empty((len(data), 32, 32, 3), np.float64)
+    for channel in range(3):
+        for row in range(32):
+            start = channel * 1024 + row * 32
+            images[:, row, :, channel] = data[:, start : start + 32] / 255.0
+    return images
+
+
+def _check_cifar10(dataset: _data.Dataset, written: dict[str, dict]) -> None:
+    train_batches = [written[name] for name in _data.CIFAR10_TRAIN_FILES]
+    test_batch = written[_data.CIFAR10_TEST_FILE]
+    assert dataset.x_train.shape == (5 * TRAIN_PER_BATCH, 32, 32, 3)
+    assert dataset.x_test.shape == (NUM_TEST, 32, 32, 3)
+    assert dataset.x_train.dtype == np.float32 and dataset.x_test.dtype == np.float32
+    assert dataset.y_train.dtype == np.int32 and dataset.y_test.dtype == np.int32
+    np.testing.assert_array_equal(
+        dataset.y_train, np.concatenate([batch[b"labels"] for batch in train_batches])
+    )
+    np.testing.assert_array_equal(dataset.y_test, test_batch[b"labels"])
+    assert set(dataset.y_train.tolist()) <= set(range(10))
+    assert dataset.num_classes == 10
+
+    raw_train = np.concatenate([_expected_images(batch) for batch in train_batches])
+    raw_test = _expected_images(test_batch)
+    mean = raw_train.mean(axis=(0, 1, 2))
+    std = raw_train.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(dataset.x_train, (raw_train - mean) / std, atol=1e-4)
+    # The test split is normalised with the training statistics, not its own.
+    np.testing.assert_allclose(dataset.x_test, (raw_test - mean) / std, atol=1e-4)
+    np.testing.assert_allclose(dataset.x_train.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(dataset.x_train.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["dir", "parent", "archive", "archive_parent"])
+def test_cifar10_loader_reads_every_form(cifar10, form):
+    path = {
+        "dir": cifar10["dir"],
+        "parent": cifar10["parent"],
+        "archive": cifar10["archive"],
+        "archive_parent": cifar10["archive"].parent,
+    }[form]
+    _check_cifar10(_data.load_cifar10(path), cifar10["written"])
+
+
+def test_cifar10_loader_names_missing_files(tmp_path, cifar10):
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*test_batch"):
+        _data.load_cifar10(tmp_path / "nothing-here")
+    (cifar10["dir"] / _data.CIFAR10_TEST_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        _data.load_cifar10(cifar10["dir"])
+
+
+def test_cifar10_loader_rejects_an_archive_without_the_batches(tmp_path):
+    archive = tmp_path / _data.CIFAR10_ARCHIVE
+    other = tmp_path / "readme.txt"
+    other.write_text("not CIFAR-10")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(other, arcname="readme.txt")
+    with pytest.raises(FileNotFoundError, match="has no cifar-10-batches-py/data_batch_1"):
+        _data.load_cifar10(archive)
+
+
+def test_load_dataset_checks_its_arguments():
+    with pytest.raises(ValueError, match="--data-dir"):
+        _data.load_dataset("cifar10")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        _data.load_dataset("mnist")
+
+
+def test_digits_split_is_stratified_standardised_and_disjoint():
+    from sklearn.datasets import load_digits
+
+    dataset = _data.load_digits()
+    raw = load_digits()
+    assert dataset.x_train.shape == (1347, 8, 8, 1) and dataset.x_test.shape == (450, 8, 8, 1)
+    assert dataset.x_train.dtype == np.float32 and dataset.y_train.dtype == np.int32
+    np.testing.assert_allclose(dataset.x_train.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(dataset.x_train.std(), 1.0, atol=1e-5)
+    # Every class is in both splits in about the dataset's proportion.
+    np.testing.assert_allclose(
+        np.bincount(dataset.y_test) / 450, np.bincount(raw.target) / 1797, atol=0.01
+    )
+    # Undo the affine standardisation (train pixel values span the raw range 0..16): the
+    # two splits together are the whole dataset, each image exactly once.
+    low, high = dataset.x_train.min(), dataset.x_train.max()
+    both = np.concatenate([dataset.x_train, dataset.x_test]).reshape(1797, 64)
+    recovered = np.round((both - low) / (high - low) * 16)
+    assert sorted(map(bytes, recovered.astype(np.uint8))) == sorted(
+        map(bytes, raw.data.astype(np.uint8))
+    )
+
+
+def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
+    report = convergence.main(
+        ["--epochs", "2", "--seeds", "1", "--out-dir", str(tmp_path), "--no-progress"]
+    )
+    results = report["results"]
+    assert list(results) == list(convergence.OPTIMIZERS)
+    for name, result in results.items():
+        train_loss = np.asarray(result["curves"]["train_loss"])
+        test_accuracy = np.asarray(result["curves"]["test_accuracy"])
+        assert train_loss.shape == test_accuracy.shape == (1, 3)
+        # From chance (loss near ln 10 = 2.3, accuracy near 0.1) to a trained model.
+        assert train_loss[0, 0] > 1.5, name
+        assert train_loss[0, -1] < 0.5 * train_loss[0, 0], name
+        assert test_accuracy[0, -1] > 0.7, name
+        assert result["final"]["test_accuracy"]["mean"] == pytest.approx(test_accuracy[0, -1])
+
+    on_disk = json.loads((tmp_path / "convergence.json").read_text())
+    assert {"dataset", "model", "epochs", "seeds", "command", "environment", "results"} <= set(
+        on_disk
+    )
+    assert on_disk["results"]["lookahead_adam"]["k"] == 5
+    assert set(on_disk["results"]["lookahead_sgd"]["vs_inner"]) == {
+        "test_accuracy", "train_loss", "mean_train_loss"
+    }
+    assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "convergence.md").read_text()
+    assert table.count("\n| ") == 1 + len(convergence.OPTIMIZERS)  # header row + one per run
