@@ -1,0 +1,172 @@
+"""Property tests (hypothesis) over pytree shapes, dtypes, k and alpha."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import lookahead_optax as lo
+from tests import reference as ref
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+INNERS = {
+    "sgd": (lambda: optax.sgd(0.1), lambda: ref.SGD(0.1)),
+    "momentum": (lambda: optax.sgd(0.1, momentum=0.5), lambda: ref.Momentum(0.1, 0.5)),
+}
+# derandomize: the same examples on every run, so CI is reproducible.
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def strict_promotion():
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+@st.composite
+def problems(draw):
+    """A random params pytree (several layouts) and the per-leaf curvature of its loss."""
+    num_leaves = draw(st.integers(1, 3))
+    shapes = [draw(hnp.array_shapes(min_dims=0, max_dims=2, max_side=3)) for _ in range(num_leaves)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    leaves = [rng.uniform(-2.0, 2.0, size=shape) for shape in shapes]
+    layout = draw(st.sampled_from(["dict", "list", "nested"]))
+    if layout == "dict":
+        params = {f"p{i}": leaf for i, leaf in enumerate(leaves)}
+    elif layout == "list":
+        params = list(leaves)
+    else:
+        params = {"layer": {"kernel": leaves[0]}, "rest": tuple(leaves[1:])}
+    return params, [1.0 + 0.5 * i for i in range(num_leaves)]
+
+
+def quadratic_grad(params, curvatures):
+    """Gradient of sum_i 0.5 c_i ||p_i - 1||^2, in the params' dtype."""
+    leaves, treedef = jax.tree.flatten(params)
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(c, p.dtype) * (p - jnp.ones_like(p)) for p, c in zip(leaves, curvatures)]
+    )
+
+
+def eps(dtype):
+    return float(jnp.finfo(dtype).eps)
+
+
+def as_f64(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def run_steps(inner, params, curvatures, k, alpha, num_steps):
+    """Everything a step sees and returns, stacked over the steps: one compile per call."""
+
+    def body(carry, _):
+        params, state = carry
+        tx = lo.lookahead(inner, k=k, alpha=alpha)
+        grads = quadratic_grad(params, curvatures)
+        inner_updates, _ = inner.update(grads, state.inner_state, params)
+        updates, new_state = tx.update(grads, state, params)
+        new_params = optax.apply_updates(params, updates)
+        seen = dict(
+            params=params,
+            inner_updates=inner_updates,
+            slow_before=state.slow,
+            updates=updates,
+            new_params=new_params,
+            slow=new_state.slow,
+            slow_params=lo.slow_params(new_state, new_params),
+            count=new_state.count,
+            syncs=new_state.syncs,
+        )
+        return (new_params, new_state), seen
+
+    state = lo.lookahead(inner, k=k, alpha=alpha).init(params)
+    return jax.lax.scan(body, (params, state), length=num_steps)[1]
+
+
+@SETTINGS
+@given(
+    problem=problems(),
+    dtype=st.sampled_from(DTYPES),
+    k=st.integers(1, 5),
+    alpha=st.floats(0.05, 1.0),
+    inner_name=st.sampled_from(list(INNERS)),
+    num_steps=st.integers(1, 11),
+    static=st.booleans(),
+)
+def test_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, static):
+    raw_params, curvatures = problem
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), raw_params)
+    make_inner, make_reference = INNERS[inner_name]
+    run = jax.jit(run_steps, static_argnums=(0, 2, 5) + ((3, 4) if static else ()))
+    hyper = (k, alpha) if static else (jnp.asarray(k, jnp.int32), jnp.asarray(alpha, jnp.float32))
+    seen = run(make_inner(), params, tuple(curvatures), *hyper, num_steps)
+
+    # Structure and dtype are those of params, for updates and slow weights.
+    for name in ("updates", "new_params", "slow", "slow_params"):
+        assert jax.tree.structure(seen[name]) == jax.tree.structure(params)
+        assert {x.dtype for x in jax.tree.leaves(seen[name])} == {jnp.dtype(dtype)}
+    steps = np.arange(1, num_steps + 1)
+    np.testing.assert_array_equal(seen["count"], steps % k)
+    np.testing.assert_array_equal(seen["syncs"], steps // k)
+    for got, want in zip(as_f64(seen["slow_params"]), as_f64(seen["slow"])):
+        np.testing.assert_array_equal(got, want)
+
+    tol = 4 * eps(dtype)
+    for t in steps:
+        at = {name: [x[t - 1] for x in as_f64(tree)] for name, tree in seen.items()
+              if name not in ("count", "syncs")}
+        if t % k:  # not a sync: the inner update, slow weights untouched
+            for got, want in zip(at["updates"], at["inner_updates"]):
+                np.testing.assert_allclose(got, want, rtol=tol, atol=1e-30)
+            for got, want in zip(at["slow"], at["slow_before"]):
+                np.testing.assert_array_equal(got, want)
+            continue
+        # A sync: phi + alpha (theta_k - phi), computed here from the library's own values.
+        for p, u, s, got_params, got_slow in zip(
+            at["params"], at["inner_updates"], at["slow_before"], at["new_params"], at["slow"]
+        ):
+            expected = s + alpha * (p + u - s)
+            bound = tol * (np.abs(s) + np.abs(p + u) + 1)
+            assert np.all(np.abs(got_slow - expected) <= bound)
+            assert np.all(np.abs(got_params - expected) <= bound)
+
+    # The whole run against the float64 reference, rounding growing with the step count.
+    def reference_grad(leaves):
+        return [c * (p - 1.0) for p, c in zip(leaves, curvatures)]
+
+    fast, slow = ref.lookahead_trajectory(
+        as_f64(params), reference_grad, make_reference(), k, alpha, num_steps
+    )
+    tol = 4 * num_steps * eps(dtype)
+    for got, want in zip(as_f64(seen["new_params"]), zip(*fast)):
+        np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
+    for got, want in zip(as_f64(seen["slow"]), zip(*slow)):
+        np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(problem=problems(), k=st.integers(1, 4), alpha=st.floats(0.05, 1.0))
+def test_slow_weights_are_an_ema_of_cycle_ends(problem, k, alpha):
+    """phi_t = alpha sum_s (1-alpha)^(t-s) theta_{s,k} + (1-alpha)^t phi_0 (the paper's form)."""
+    raw_params, curvatures = problem
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), raw_params)
+    syncs = 3
+    seen = jax.jit(run_steps, static_argnums=(0, 2, 3, 4, 5))(
+        optax.sgd(0.1, momentum=0.5), params, tuple(curvatures), k, alpha, syncs * k
+    )
+    # theta_{s,k}: the params plus the inner update on the sync calls k, 2k, 3k.
+    cycle_ends = [
+        [p[s * k - 1] + u[s * k - 1] for p, u in zip(as_f64(seen["params"]),
+                                                     as_f64(seen["inner_updates"]))]
+        for s in range(1, syncs + 1)
+    ]
+    phi0 = as_f64(params)
+    for i, got in enumerate(as_f64(seen["slow"])):
+        expected = (1 - alpha) ** syncs * phi0[i]
+        for s, end in enumerate(cycle_ends, start=1):
+            expected = expected + alpha * (1 - alpha) ** (syncs - s) * end[i]
+        np.testing.assert_allclose(got[-1], expected, rtol=1e-5, atol=1e-5)
