@@ -144,12 +144,13 @@ def test_damping_claim_at_tuned_learning_rates():
     for kappa in (1, 10, 100):
         eigenvalues = (1.0, float(kappa))
         gamma_max = 2 * (1 + beta) / kappa
-        _, momentum = qd.best_learning_rate(lambda g: qd.momentum_rate(g, eigenvalues, beta),
-                                            gamma_max)  # fmt: skip
+        _, momentum = qd.best_learning_rate(
+            lambda g: qd.momentum_rate(g, eigenvalues, beta), gamma_max, points=20000
+        )
         # Tuned heavy ball is under-damped here and converges at sqrt(beta) per step.
         np.testing.assert_allclose(momentum, np.sqrt(beta), rtol=1e-6)
         _, lookahead = qd.best_learning_rate(
-            lambda g: qd.lookahead_rate(g, eigenvalues, beta, k, alpha), gamma_max
+            lambda g: qd.lookahead_rate(g, eigenvalues, beta, k, alpha), gamma_max, points=20000
         )
         assert 1 - lookahead > 1.1 * (1 - momentum), kappa  # Lookahead converges faster
     # Over-damped directions (real eigenvalues of M): Lookahead is slower.
