@@ -20,12 +20,12 @@ def test_notebook_executes(name):
             cell.outputs = []
     # Appended last: which interpreter the kernel ran in.
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    client = NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
+    resources = {"metadata": {"path": str(NOTEBOOKS)}}
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources=resources)
     client.execute()  # raises CellExecutionError on the first failing cell
 
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    outputs = [output for cell in code_cells for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     assert any("image/png" in output.get("data", {}) for output in outputs)
     # jupyter_client runs the "python" of the kernelspec as sys.executable: this venv.
