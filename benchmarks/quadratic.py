@@ -467,11 +467,12 @@ def variance_table(
 ) -> list[dict]:
     """Closed-form steady-state variance against the library's Monte Carlo (PAPER.md setting).
 
-    The last row (k=None) is plain ``optax.sgd``.
+    The last row (k=None) is plain ``optax.sgd``. Each row draws its own noise
+    (seed + row index), so the rows' Monte Carlo errors are independent.
     """
     rows = []
-    for k, alpha in list(configs) + [(None, None)]:
-        run = steady_state_run(PAPER_GAMMA, k, alpha, steps=steps, chains=chains, seed=seed)
+    for index, (k, alpha) in enumerate(list(configs) + [(None, None)]):
+        run = steady_state_run(PAPER_GAMMA, k, alpha, steps=steps, chains=chains, seed=seed + index)
         estimate, error = steady_variance(run)
         if k is None:
             closed = sgd_variance(PAPER_GAMMA, PAPER_A, PAPER_SIGMA2)
