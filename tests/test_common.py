@@ -1,4 +1,4 @@
-"""The checks every optimizer in optax.contrib must pass (optax/contrib/_common_test.py), for lookahead.
+"""The checks every optax.contrib optimizer must pass (optax/contrib/_common_test.py), for us.
 
 Ported to pytest for lookahead wrapping SGD, SGD with momentum and Adam.
 """

@@ -423,3 +423,24 @@ def test_lookahead_of_lbfgs():
             np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
     # lbfgs really moved (the extra arguments reached it): the loss went down.
     assert float(PROBLEM.loss(params)) < 0.5 * float(PROBLEM.loss(initial_params()))
+
+
+# ---- the same schedule as optax.lookahead ----
+
+
+@pytest.mark.parametrize(("k", "alpha"), [(1, 0.5), (3, 0.5), (4, 0.8)])
+def test_same_trajectory_as_optax_lookahead(k, alpha):
+    """optax.lookahead keeps fast and slow weights in LookaheadParams; ours in the state."""
+    theirs = helpers.standard_promotion(  # optax.lookahead is not strict-promotion clean
+        optax.lookahead(optax.sgd(0.2, momentum=0.9), sync_period=k, slow_step_size=alpha)
+    )
+    wrapped = optax.LookaheadParams(fast=initial_params(), slow=initial_params())
+    their_state = theirs.init(wrapped)
+    their_update = jax.jit(theirs.update)
+    history, _ = run(lo.lookahead(optax.sgd(0.2, momentum=0.9), k=k, alpha=alpha), 9)
+    for params, slow in history:
+        updates, their_state = their_update(loss_grad(wrapped.fast), their_state, wrapped)
+        wrapped = optax.apply_updates(wrapped, updates)
+        for got, want in zip(jax.tree.leaves((params, slow)),
+                             jax.tree.leaves((wrapped.fast, wrapped.slow))):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -47,9 +47,8 @@ def problems(draw):
 def quadratic_grad(params, curvatures):
     """Gradient of sum_i 0.5 c_i ||p_i - 1||^2, in the params' dtype."""
     leaves, treedef = jax.tree.flatten(params)
-    return jax.tree.unflatten(
-        treedef, [jnp.asarray(c, p.dtype) * (p - jnp.ones_like(p)) for p, c in zip(leaves, curvatures)]
-    )
+    grads = [jnp.asarray(c, p.dtype) * (p - jnp.ones_like(p)) for p, c in zip(leaves, curvatures)]
+    return jax.tree.unflatten(treedef, grads)
 
 
 def eps(dtype):
