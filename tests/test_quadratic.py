@@ -8,6 +8,7 @@ Lookahead(momentum) against one library cycle, and the per-step rate measured
 on the library's trajectories against rho(T)^(1/k).
 """
 
+import doctest
 import sys
 from pathlib import Path
 
@@ -158,3 +159,9 @@ def test_damping_claim_at_tuned_learning_rates():
     assert not any(qd.is_underdamped(g, 1.0, beta) for g in gamma_a)
     assert np.all(qd.lookahead_rate(gamma_a, (1.0,), beta, k, alpha)
                   > qd.momentum_rate(gamma_a, (1.0,), beta))  # fmt: skip
+
+
+def test_module_examples():
+    # benchmarks/ is outside pytest's doctest paths: run its examples here.
+    results = doctest.testmod(qd)
+    assert results.attempted >= 5 and results.failed == 0
