@@ -292,4 +292,4 @@ def test_two_models_sync_on_the_same_steps(alternating):
     distance_plain = np.linalg.norm(np.concatenate(plain[-1]))
     if not alternating:
         assert distance_plain > distance0
-    assert distance < distance0
+    assert distance < 0.3 * distance0  # measured: 0.15 (simultaneous), 0.12 (alternating)
