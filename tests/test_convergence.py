@@ -20,16 +20,32 @@ TRAIN_PER_BATCH = 6
 NUM_TEST = 8
 
 
-def _write_cifar10_batches(directory: Path, rng: np.random.Generator) -> dict[str, dict]:
-    """Writes data_batch_1..5 and test_batch like the real archive; returns what was written."""
+def _write_cifar10_batches(
+    directory: Path,
+    rng: np.random.Generator,
+    train_per_batch: int = TRAIN_PER_BATCH,
+    num_test: int = NUM_TEST,
+    learnable: bool = False,
+) -> dict[str, dict]:
+    """Writes data_batch_1..5 and test_batch like the real archive; returns what was written.
+
+    With ``learnable``, every image of class c is a noisy version of one colour of a
+    fixed palette, so a classifier can beat chance; otherwise pixels are uniform noise.
+    """
     directory.mkdir(parents=True)
+    palette = rng.integers(0, 256, size=(10, 3))
     written = {}
     for index, name in enumerate([*_data.CIFAR10_TRAIN_FILES, _data.CIFAR10_TEST_FILE]):
-        size = NUM_TEST if name == _data.CIFAR10_TEST_FILE else TRAIN_PER_BATCH
+        size = num_test if name == _data.CIFAR10_TEST_FILE else train_per_batch
+        labels = rng.integers(0, 10, size=size)
+        data = rng.integers(0, 256, size=(size, 3072))
+        if learnable:
+            colours = np.repeat(palette[labels], 1024, axis=1)  # [N, 3072] in R..G..B order
+            data = np.clip(colours + rng.normal(0, 40, size=(size, 3072)), 0, 255)
         batch = {
             b"batch_label": f"batch {index}".encode(),
-            b"data": rng.integers(0, 256, size=(size, 3072), dtype=np.uint8),
-            b"labels": [int(label) for label in rng.integers(0, 10, size=size)],
+            b"data": data.astype(np.uint8),
+            b"labels": [int(label) for label in labels],
             b"filenames": [f"{name}_{i}.png".encode() for i in range(size)],
         }
         with open(directory / name, "wb") as f:
@@ -173,3 +189,21 @@ def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
     assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "convergence.md").read_text()
     assert table.count("\n| ") == 1 + len(convergence.OPTIMIZERS)  # header row + one per run
+
+
+def test_benchmark_reads_a_cifar10_archive_and_learns(tmp_path):
+    _write_cifar10_batches(
+        tmp_path / "cifar" / _data.CIFAR10_DIR, np.random.default_rng(1),
+        train_per_batch=40, num_test=50, learnable=True,
+    )
+    report = convergence.main([
+        "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--epochs", "3",
+        "--seeds", "1", "--batch-size", "20", "--optimizers", "lookahead_adam", "--model", "mlp",
+        "--adam-lr", "3e-3", "--out-dir", str(tmp_path / "out"), "--no-progress",
+    ])
+    assert report["dataset"] == "cifar10"
+    assert report["num_train"] == 200 and report["num_test"] == 50
+    test_accuracy = np.asarray(report["results"]["lookahead_adam"]["curves"]["test_accuracy"])
+    # Ten colour classes: chance is 0.1.
+    assert test_accuracy[0, -1] > 0.5
+    assert (tmp_path / "out" / "convergence_cifar10.json").is_file()
