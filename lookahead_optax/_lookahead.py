@@ -117,11 +117,11 @@ def _interpolate_floats(start: PyTree, end: PyTree, alpha: Array) -> PyTree:
     return jax.tree.map(interpolate, start, end)
 
 
-def _times(x: Any, one: Array) -> Any:
-    """x * one for real floating arrays (exact for one == 1, even for -0, inf and nan)."""
-    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
-        return x * one.astype(x.dtype)
-    return x
+def _gated(x: Any, gate: Array) -> Any:
+    """x where gate is True (always: only the data dependence on gate matters)."""
+    if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.number)):
+        return x  # e.g. PRNG keys: small, an extra copy of them costs nothing
+    return jnp.where(gate, x, jnp.zeros([], x.dtype))
 
 
 def _match_types(new: PyTree, like: PyTree) -> PyTree:
@@ -236,8 +236,8 @@ def lookahead(
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
         _check_params(params, state.slow)
 
-        def inner_step(grads):
-            return inner.update(grads, state.inner_state, params, **extra_args)
+        def inner_step(grads, old_inner_state=state.inner_state):
+            return inner.update(grads, old_inner_state, params, **extra_args)
 
         count = state.count + 1
         sync = count >= k
@@ -269,23 +269,25 @@ def lookahead(
         #   once, so XLA fuses it with the inner optimizer's arithmetic and the caller's
         #   apply_updates; it is never written to memory. Non-sync steps read the slow
         #   weights once more, nothing else.
-        # - The cond also returns a scalar 1 that multiplies the grads of the inner step
-        #   (x * 1 == x exactly). The data dependence runs the inner step after the cond;
-        #   without it XLA cannot tell that the cond reads the old inner state before the
-        #   inner step overwrites it in place (donation) and copies every params-sized
-        #   inner state leaf on every step.
+        # - The cond also returns a scalar True that gates the inner state read by the
+        #   inner step (where(True, s, 0) is s exactly, and fuses into its one consumer).
+        #   The data dependence runs the inner step after the cond; without it XLA cannot
+        #   tell that the cond reads the old inner state before the inner step overwrites
+        #   it in place (donation), and copies every params-sized inner state leaf on
+        #   every step. (Gating the grads instead works in f32, but in bf16 XLA writes the
+        #   gated grads to memory, as Adam reads them twice.)
         def synced():
             fast_updates = (inner_before_sync or inner_step(updates))[0]
             new_slow = jax.tree.map(slow_step, fast_updates, params, state.slow)
-            return new_slow, jnp.ones([], jnp.float32)
+            return new_slow, jnp.array(True)
 
         def not_synced():
-            return state.slow, jnp.ones([], jnp.float32)
+            return state.slow, jnp.array(True)
 
-        new_slow, one = jax.lax.cond(sync, synced, not_synced)
+        new_slow, gate = jax.lax.cond(sync, synced, not_synced)
         if inner_before_sync is None:
-            ordered_grads = jax.tree.map(lambda g: _times(g, one), updates)
-            inner_updates, new_inner_state = inner_step(ordered_grads)
+            ordered_inner_state = jax.tree.map(lambda s: _gated(s, gate), state.inner_state)
+            inner_updates, new_inner_state = inner_step(updates, ordered_inner_state)
         new_updates = jax.tree.map(
             lambda s, p, u: jnp.where(
                 sync, (s.astype(jnp.promote_types(s.dtype, p.dtype)) - p).astype(u.dtype), u
