@@ -1,4 +1,4 @@
-"""The fresh-process side of tests/test_checkpoint.py (run as ``python -m tests._checkpoint_worker``).
+"""The fresh-process side of tests/test_checkpoint.py (`python -m tests._checkpoint_worker`).
 
 Holds the training problem both sides share, so the run that never stopped (in
 the test process) and the resumed runs (here, in a new process that knows only
