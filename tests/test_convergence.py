@@ -207,3 +207,20 @@ def test_benchmark_reads_a_cifar10_archive_and_learns(tmp_path):
     # Ten colour classes: chance is 0.1.
     assert test_accuracy[0, -1] > 0.5
     assert (tmp_path / "out" / "convergence_cifar10.json").is_file()
+
+
+def test_lookahead_is_evaluated_at_its_slow_weights():
+    # With k longer than the run there is no sync: the slow weights are still the initial
+    # weights, so the measured loss and accuracy must be the initial ones, although the
+    # fast weights (whose minibatch loss is also recorded) have trained.
+    dataset = _data.load_digits()
+    model = convergence.make_model("mlp", dataset.num_classes)
+    initial_params = convergence.init_params(model, dataset, [0])
+    initial_loss, initial_accuracy = convergence.measure_seeds(model, initial_params, dataset)
+    tx = convergence.make_optimizer("lookahead_sgd", sgd_lr=0.1, adam_lr=1e-3, k=10_000, alpha=0.8)
+    curves = convergence.train(
+        dataset, model, tx, initial_params, seeds=[0], epochs=1, batch_size=32, progress=False
+    )
+    np.testing.assert_allclose(curves["train_loss"][:, -1], initial_loss, rtol=1e-5)
+    np.testing.assert_allclose(curves["test_accuracy"][:, -1], initial_accuracy)
+    assert curves["minibatch_loss"][0, -1] < 0.5 * initial_loss[0]
