@@ -124,6 +124,13 @@ def _gated(x: Any, gate: Array) -> Any:
     return jnp.where(gate, x, jnp.zeros([], x.dtype))
 
 
+def _difference(slow: Array, params: Array) -> Array:
+    """slow - params in the wider dtype, also under strict dtype promotion (bf16 params)."""
+    with jax.numpy_dtype_promotion("standard"):  # only to pick the dtype; the casts are explicit
+        wide = jnp.promote_types(slow.dtype, params.dtype)
+    return slow.astype(wide) - params.astype(wide)
+
+
 def _match_types(new: PyTree, like: PyTree) -> PyTree:
     """Casts ``new``'s floating and integer leaves to ``like``'s dtypes (for lax.cond)."""
 
@@ -290,7 +297,7 @@ def lookahead(
             inner_updates, new_inner_state = inner_step(updates, ordered_inner_state)
         new_updates = jax.tree.map(
             lambda s, p, u: jnp.where(
-                sync, (s.astype(jnp.promote_types(s.dtype, p.dtype)) - p).astype(u.dtype), u
+                sync, _difference(s, p).astype(u.dtype), u
             ),
             new_slow,
             params,
