@@ -110,3 +110,13 @@ def test_slow_dtype_params_follow_the_rounded_slow_weights():
 def test_slow_dtype_must_be_floating():
     with pytest.raises(ValueError, match="slow_dtype"):
         lo.lookahead(optax.sgd(0.1), slow_dtype=jnp.int32)
+
+
+def test_slow_dtype_under_strict_dtype_promotion():
+    """f32 slow weights with bf16 params need explicit casts: strict promotion must not fail."""
+    params0, grad, lr = _problem(jnp.bfloat16)
+    with jax.numpy_dtype_promotion("strict"):
+        strict = _library_slow(jnp.bfloat16, jnp.float32, 0.12, params0, grad, lr)
+    standard = _library_slow(jnp.bfloat16, jnp.float32, 0.12, params0, grad, lr)
+    for a, b in zip(strict, standard):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
