@@ -40,6 +40,9 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
     out) are returned as they are. With nested lookaheads the outermost (slowest)
     weights are returned. Leaves have the slow weights' dtype: the params' dtype
     unless ``slow_dtype`` was given. Pure: works under ``jit`` and ``vmap``.
+    With Flax NNX, pass ``nnx.Optimizer.opt_state`` and
+    ``nnx.state(model, nnx.Param)``: the result is an ``nnx.State`` of
+    ``nnx.Param`` (see also :func:`lookahead_optax.nnx_slow_model`).
 
     Args:
       opt_state: A state returned by the ``init`` or ``update`` of a

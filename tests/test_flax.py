@@ -6,6 +6,8 @@ minibatches; accuracy at the slow weights is checked on held-out digits.
 """
 
 import functools
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -242,3 +244,9 @@ def test_nnx_slow_model_needs_a_lookahead_optimizer():
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     with pytest.raises(ValueError, match="no LookaheadState"):
         lo.nnx_slow_model(model, optimizer)
+
+
+def test_flax_stays_optional():
+    code = "import sys, lookahead_optax; assert 'flax' not in sys.modules, 'flax imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
