@@ -182,8 +182,11 @@ def test_lookahead_around_multisteps():
 
 # ---- optax.apply_if_finite: a non-finite gradient never reaches params or slow weights ----
 
-# With k=3: call 2 is a non-sync step, call 6 a sync step.
+# Inside lookahead (k=3), call 2 is a non-sync step and call 6 a sync step.
 INF_STEPS = (2, 6)
+# Around lookahead the skipped calls are not counted: with infs on calls 2 and 7,
+# lookahead's calls are 1, -, 2, 3 (sync), 4, 5, - (would have been its sync call 6), 6, ...
+OUTER_INF_STEPS = (2, 7)
 
 
 def _all_finite(history):
@@ -193,17 +196,18 @@ def _all_finite(history):
 def test_apply_if_finite_around_lookahead():
     """A skipped call does not count: the run equals the reference on the finite calls only."""
     tx = optax.apply_if_finite(lo.lookahead(optax.sgd(0.3), k=3, alpha=0.5), 5)
-    history, state = run(tx, 10, inf_steps=INF_STEPS)
+    history, state = run(tx, 10, inf_steps=OUTER_INF_STEPS)
     assert _all_finite(history)
-    fast, slow = reference_lookahead(ref.SGD(0.3), 3, 0.5, 10 - len(INF_STEPS))
+    fast, slow = reference_lookahead(ref.SGD(0.3), 3, 0.5, 10 - len(OUTER_INF_STEPS))
     finite = 0
     for call, (params, slow_params) in enumerate(history, start=1):
-        if call not in INF_STEPS:
+        if call not in OUTER_INF_STEPS:
             finite += 1
         expected = (fast[finite - 1], slow[finite - 1]) if finite else (PROBLEM.leaves0(),) * 2
         assert_close(params, expected[0])
         assert_close(slow_params, expected[1])
-    assert int(state.total_notfinite) == len(INF_STEPS)
+    assert int(state.total_notfinite) == len(OUTER_INF_STEPS)
+    assert int(state.inner_state.syncs) == 2 and int(state.inner_state.count) == 2
 
 
 def test_lookahead_around_apply_if_finite():
