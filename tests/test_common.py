@@ -106,9 +106,7 @@ def test_accepts_extra_args_and_does_not_recompile(inner_name):
     assert int(state.syncs) == 1
 
 
-@pytest.mark.parametrize(
-    "target", [parabola, rosenbrock, matrix_parabola, mixed_tensor_target]
-)
+@pytest.mark.parametrize("target", [parabola, rosenbrock, matrix_parabola, mixed_tensor_target])
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_converges_inside_scan(inner_name, target):
     opt = make_lookahead(inner_name)
@@ -147,8 +145,7 @@ def test_inject_hyperparams_gives_the_same_updates(inner_name, k):
     for got, want in zip(jax.tree.leaves(updates_inject), jax.tree.leaves(updates)):
         np.testing.assert_allclose(got, want, rtol=1e-5)
     assert jax.tree.structure(new_state_inject.inner_state) == jax.tree.structure(new_state)
-    for got, want in zip(jax.tree.leaves(new_state_inject.inner_state),
-                         jax.tree.leaves(new_state)):
+    for got, want in zip(jax.tree.leaves(new_state_inject.inner_state), jax.tree.leaves(new_state)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

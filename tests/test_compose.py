@@ -163,8 +163,9 @@ def test_multisteps_around_lookahead():
     previous = (initial_params(), initial_params())
     for call, (params, slow_params) in enumerate(history, start=1):
         if call % m:
-            for got, before in zip(jax.tree.leaves((params, slow_params)),
-                                   jax.tree.leaves(previous)):
+            for got, before in zip(
+                jax.tree.leaves((params, slow_params)), jax.tree.leaves(previous)
+            ):
                 np.testing.assert_array_equal(got, before)
         else:
             assert_close(params, fast[call // m - 1])
@@ -328,8 +329,10 @@ def test_masked():
 def test_multi_transform():
     labels = jax.tree.map(lambda m: "lookahead" if m else "plain", MASK)
     tx = optax.multi_transform(
-        {"lookahead": lo.lookahead(optax.sgd(0.2), k=3, alpha=0.5),
-         "plain": optax.sgd(0.2, momentum=0.9)},
+        {
+            "lookahead": lo.lookahead(optax.sgd(0.2), k=3, alpha=0.5),
+            "plain": optax.sgd(0.2, momentum=0.9),
+        },
         labels,
     )
     history, _ = run(tx, 7)
@@ -339,6 +342,7 @@ def test_multi_transform():
 
 
 # ---- slow_params finds the state everywhere ----
+
 
 def _lookahead_sgd():
     return lo.lookahead(optax.sgd(0.2), k=3, alpha=0.5)
@@ -445,6 +449,7 @@ def test_same_trajectory_as_optax_lookahead(k, alpha):
     for params, slow in history:
         updates, their_state = their_update(loss_grad(wrapped.fast), their_state, wrapped)
         wrapped = optax.apply_updates(wrapped, updates)
-        for got, want in zip(jax.tree.leaves((params, slow)),
-                             jax.tree.leaves((wrapped.fast, wrapped.slow))):
+        for got, want in zip(
+            jax.tree.leaves((params, slow)), jax.tree.leaves((wrapped.fast, wrapped.slow))
+        ):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -131,8 +131,9 @@ def test_slow_weights_lag_between_syncs():
     """Before the first sync the slow weights are the initial params; the fast ones moved."""
     k = 5
     params, slow, _ = run_history(lo.lookahead(optax.sgd(0.1), k=k, alpha=0.5), initial_params())
-    for p0, p, s in zip(jax.tree.leaves(initial_params()), jax.tree.leaves(params),
-                        jax.tree.leaves(slow)):
+    for p0, p, s in zip(
+        jax.tree.leaves(initial_params()), jax.tree.leaves(params), jax.tree.leaves(slow)
+    ):
         for step in range(k - 1):
             np.testing.assert_array_equal(s[step], p0)
             assert not np.allclose(p[step], p0)
@@ -158,8 +159,7 @@ def test_k_one_with_sgd_is_sgd_with_scaled_learning_rate(alpha):
     for got, got_slow, want in zip(*map(jax.tree.leaves, (params, slow, scaled))):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(got_slow, want, rtol=1e-6, atol=1e-6)
-    expected = ref.inner_trajectory(PROBLEM.leaves0(), PROBLEM.grad, ref.SGD(alpha * lr),
-                                    NUM_STEPS)
+    expected = ref.inner_trajectory(PROBLEM.leaves0(), PROBLEM.grad, ref.SGD(alpha * lr), NUM_STEPS)
     assert_history_close(params, expected, **F32_TOL)
 
 
@@ -260,8 +260,9 @@ def test_scan_equals_python_loop():
 def test_vmap_over_an_ensemble_equals_separate_runs():
     tx = lo.lookahead(optax.sgd(0.1, momentum=0.9), k=3, alpha=0.5)
     offsets = jnp.array([0.0, 0.5, -1.0])
-    ensemble = jax.tree.map(lambda p: p[None] + offsets.reshape((-1,) + (1,) * p.ndim),
-                            initial_params())
+    ensemble = jax.tree.map(
+        lambda p: p[None] + offsets.reshape((-1,) + (1,) * p.ndim), initial_params()
+    )
     step = jax.jit(jax.vmap(lambda p, s: train_step(tx, p, s)))
     params, state = ensemble, jax.vmap(tx.init)(ensemble)
     for _ in range(8):

@@ -116,8 +116,11 @@ def test_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, s
 
     tol = 4 * eps(dtype)
     for t in steps:
-        at = {name: [x[t - 1] for x in as_f64(tree)] for name, tree in seen.items()
-              if name not in ("count", "syncs")}
+        at = {
+            name: [x[t - 1] for x in as_f64(tree)]
+            for name, tree in seen.items()
+            if name not in ("count", "syncs")
+        }
         if t % k:  # not a sync: the inner update, slow weights untouched
             for got, want in zip(at["updates"], at["inner_updates"]):
                 np.testing.assert_allclose(got, want, rtol=tol, atol=1e-30)
@@ -159,8 +162,10 @@ def test_slow_weights_are_an_ema_of_cycle_ends(problem, k, alpha):
     )
     # theta_{s,k}: the params plus the inner update on the sync calls k, 2k, 3k.
     cycle_ends = [
-        [p[s * k - 1] + u[s * k - 1] for p, u in zip(as_f64(seen["params"]),
-                                                     as_f64(seen["inner_updates"]))]
+        [
+            p[s * k - 1] + u[s * k - 1]
+            for p, u in zip(as_f64(seen["params"]), as_f64(seen["inner_updates"]))
+        ]
         for s in range(1, syncs + 1)
     ]
     phi0 = as_f64(params)
