@@ -12,6 +12,7 @@ Every test compares the library with a plain loop written here from the spec
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -209,13 +210,16 @@ def optax_policy_trajectory(inner, params0, loss, k, alpha, num_steps, policy):
         floating = jnp.issubdtype(end.dtype, jnp.floating)
         return start + alpha * (end - start) if floating else end
 
-    inner_update, grad_fn = jax.jit(inner.update), jax.jit(jax.grad(loss))
+    @jax.jit
+    def inner_step(fast, state):
+        updates, state = inner.update(jax.grad(loss)(fast), state, fast)
+        return optax.apply_updates(fast, updates), state
+
     fast = slow = params0
     state = cycle_start = inner.init(params0)
     history = []
     for step in range(1, num_steps + 1):
-        updates, state = inner_update(grad_fn(fast), state, fast)
-        fast = optax.apply_updates(fast, updates)
+        fast, state = inner_step(fast, state)
         if step % k == 0:
             slow = jax.tree.map(lambda s, f: s + alpha * (f - s), slow, fast)
             fast = slow
@@ -227,11 +231,11 @@ def optax_policy_trajectory(inner, params0, loss, k, alpha, num_steps, policy):
     return history
 
 
-def _key_data(tree):
-    return jax.tree.map(
-        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-        tree,
-    )
+@functools.cache
+def anchored_reference(policy):
+    """The reference run of ``anchored_sgd`` for one policy (shared by two tests)."""
+    inner = anchored_sgd(0.2)
+    return optax_policy_trajectory(inner, PARAMS0, PROBLEM.loss, K, 0.5, NUM_STEPS, policy)
 
 
 @pytest.mark.parametrize("policy", ["reset", "pullback"])
@@ -240,7 +244,7 @@ def test_bool_int_and_key_leaves(policy):
     inner = anchored_sgd(0.2)
     tx = lo.lookahead(inner, k=K, alpha=0.5, inner_state=policy)
     got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
-    expected = optax_policy_trajectory(inner, PARAMS0, PROBLEM.loss, K, 0.5, NUM_STEPS, policy)
+    expected = anchored_reference(policy)
     init_state = inner.init(PARAMS0)
     for (params, slow, opt_state), (fast_ref, slow_ref, state_ref) in zip(got, expected):
         _close(params, [np.asarray(x) for x in jax.tree.leaves(fast_ref)], atol=1e-5)
@@ -280,7 +284,5 @@ def test_policies_run_in_scan_and_donate(policy):
     run = jax.jit(lambda carry: jax.lax.scan(body, carry, length=NUM_STEPS)[0], donate_argnums=0)
     fresh_params = jax.tree.map(jnp.copy, PARAMS0)  # donated below
     params, opt_state = run((fresh_params, tx.init(fresh_params)))
-    expected = optax_policy_trajectory(
-        anchored_sgd(0.2), PARAMS0, PROBLEM.loss, K, 0.5, NUM_STEPS, policy
-    )[-1]
+    expected = anchored_reference(policy)[-1]
     _close(params, [np.asarray(x) for x in jax.tree.leaves(expected[0])], atol=1e-5)
