@@ -1,7 +1,7 @@
 """Lookahead ("k steps forward, 1 step back") as a drop-in optax transformation."""
 
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
-from lookahead_optax._flax import nnx_slow_model
+from lookahead_optax._flax import abstract_opt_state, nnx_slow_model
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._slow import slow_params
 
@@ -12,6 +12,7 @@ __all__ = [
     "lookahead",
     "slow_params",
     "nnx_slow_model",
+    "abstract_opt_state",
     "AdaptiveAlpha",
     "AdaptiveAlphaState",
     "adaptive_alpha",
