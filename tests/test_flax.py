@@ -109,32 +109,30 @@ def linen_start(digits):
 
 def test_linen_train_state_trains_and_evaluates_at_slow_weights(digits):
     params0, state = linen_start(digits)
-    loss_fn, train_step = linen_loss, linen_train_step
     train_x, train_y = digits["train"]
-    loss_before = float(loss_fn(state.params, train_x, train_y))
+    loss_before = float(linen_loss(state.params, train_x, train_y))
     for x, y in digits["batches"]:
-        state = train_step(state, x, y)
+        state = linen_train_step(state, x, y)
     slow = lo.slow_params(state.opt_state, state.params)
 
-    assert float(loss_fn(slow, train_x, train_y)) < 0.25 * loss_before
+    assert float(linen_loss(slow, train_x, train_y)) < 0.25 * loss_before
     test_x, test_y = digits["test"]
     assert accuracy(state.apply_fn({"params": slow}, test_x), test_y) > 0.85
     # STEPS is a multiple of K: the run just synced, so params are the slow weights.
     assert int(state.opt_state.count) == 0
     assert_trees_close(state.params, slow)
-    assert_trees_close(slow, algorithm1_slow(loss_fn, params0, digits["batches"]))
+    assert_trees_close(slow, algorithm1_slow(linen_loss, params0, digits["batches"]))
 
 
 def test_linen_slow_weights_mid_cycle_differ_from_params(digits):
     params0, state = linen_start(digits)
-    loss_fn, train_step = linen_loss, linen_train_step
     batches = digits["batches"][: K + 2]  # one sync, then two fast steps
     for x, y in batches:
-        state = train_step(state, x, y)
+        state = linen_train_step(state, x, y)
     slow = lo.slow_params(state.opt_state, state.params)
 
     assert int(state.opt_state.count) == 2
-    assert_trees_close(slow, algorithm1_slow(loss_fn, params0, batches[:K]))
+    assert_trees_close(slow, algorithm1_slow(linen_loss, params0, batches[:K]))
     for fast_leaf, slow_leaf in zip(jax.tree.leaves(state.params), jax.tree.leaves(slow)):
         assert not np.allclose(fast_leaf, slow_leaf)
 
