@@ -70,25 +70,33 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="16M/8,2M/64", help="TOTAL/LEAVES, comma separated")
+    parser.add_argument("--sizes", default=None, help="TOTAL/LEAVES, comma separated")
     parser.add_argument("--inners", default="adam,sgdm", help=f"from {sorted(INNERS)}")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
-        "--block-seconds", type=float, default=0.25,
+        "--block-seconds", type=float, default=None,
         help="target seconds of one timed block (rounded up to a multiple of k steps)",
     )
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Flax MLP")
     parser.add_argument("--e2e-only", action="store_true")
-    parser.add_argument("--e2e-batch", type=int, default=512)
-    parser.add_argument("--e2e-width", type=int, default=1024)
+    parser.add_argument("--e2e-batch", type=int, default=None)
+    parser.add_argument("--e2e-width", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="small sizes and few rounds")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
+    # Options given on the command line win over these defaults.
+    defaults = dict(
+        sizes="16M/8,2M/64", rounds=21, block_seconds=0.25, e2e_batch=512, e2e_width=1024
+    )
     if args.quick:
-        args.sizes, args.rounds, args.block_seconds = "256K/8,64K/16", 3, 0.02
-        args.e2e_batch, args.e2e_width = 32, 64
+        defaults.update(
+            sizes="256K/8,64K/16", rounds=3, block_seconds=0.02, e2e_batch=32, e2e_width=64
+        )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
