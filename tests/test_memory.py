@@ -23,6 +23,10 @@ LEAF_SIZES = {"embed": 98_304, "dense": 65_536, "bias": 4_096, "out": 131_072}
 INNERS = {
     "adam": lambda: optax.adam(1e-3),
     "sgd_momentum": lambda: optax.sgd(1e-3, momentum=0.9),
+    # A global-norm reduction and weight decay (reads params) before the update.
+    "clip_adamw": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    # Factored second moments: state leaves not shaped like the params.
+    "adafactor": lambda: optax.adafactor(1e-3),
 }
 
 
