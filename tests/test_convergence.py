@@ -191,21 +191,22 @@ def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
     assert table.count("\n| ") == 1 + len(convergence.OPTIMIZERS)  # header row + one per run
 
 
-def test_benchmark_reads_a_cifar10_archive_and_learns(tmp_path):
+def test_benchmark_trains_the_cnn_on_a_cifar10_archive(tmp_path):
+    # Two seeds: the CNN trains seed after seed (_epoch_step_by_step), not vmapped.
     _write_cifar10_batches(
         tmp_path / "cifar" / _data.CIFAR10_DIR, np.random.default_rng(1),
         train_per_batch=40, num_test=50, learnable=True,
     )
     report = convergence.main([
         "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--epochs", "3",
-        "--seeds", "1", "--batch-size", "20", "--optimizers", "lookahead_adam", "--model", "mlp",
+        "--seeds", "2", "--batch-size", "20", "--optimizers", "lookahead_adam",
         "--adam-lr", "3e-3", "--out-dir", str(tmp_path / "out"), "--no-progress",
     ])
-    assert report["dataset"] == "cifar10"
+    assert report["dataset"] == "cifar10" and report["model"] == "cnn"
     assert report["num_train"] == 200 and report["num_test"] == 50
     test_accuracy = np.asarray(report["results"]["lookahead_adam"]["curves"]["test_accuracy"])
     # Ten colour classes: chance is 0.1.
-    assert test_accuracy[0, -1] > 0.5
+    assert test_accuracy.shape == (2, 4) and (test_accuracy[:, -1] > 0.5).all()
     assert (tmp_path / "out" / "convergence_cifar10.json").is_file()
 
 
