@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lookahead_optax as lo  # noqa: E402
 from _data import Dataset, load_dataset  # noqa: E402
+
+import lookahead_optax as lo  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adam", "lookahead_sgd", "lookahead_adam")
 MOMENTUM = 0.9
@@ -213,8 +214,9 @@ def _epoch_step_by_step(step, measure_one, params, opt_state, order, *data):
             )
             losses.append(loss)
         train_loss, test_accuracy = measure_one(seed_params, seed_state, *data)
-        outputs.append((seed_params, seed_state, jnp.mean(jnp.stack(losses)), train_loss,
-                        test_accuracy))
+        outputs.append(
+            (seed_params, seed_state, jnp.mean(jnp.stack(losses)), train_loss, test_accuracy)
+        )
     return jax.tree.map(lambda *per_seed: jnp.stack(per_seed), *outputs)
 
 
@@ -262,9 +264,7 @@ def train(
             return (params, opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(scan_step, (params, opt_state), order)
-        train_loss, test_accuracy = measure_one(
-            params, opt_state, x_train, y_train, x_test, y_test
-        )
+        train_loss, test_accuracy = measure_one(params, opt_state, x_train, y_train, x_test, y_test)
         return params, opt_state, losses.mean(), train_loss, test_accuracy
 
     if isinstance(model, MLP):
@@ -281,10 +281,16 @@ def train(
     for epoch in bar:
         # Shuffled on the host (cheap, and keeps the PRNG out of the compiled epoch); the
         # same order for every optimizer; the last n_train % batch_size examples are dropped.
-        order = np.stack([
-            np.random.default_rng([seed, epoch]).permutation(n_train)[: steps * batch_size]
-            for seed in seeds
-        ]).reshape(len(seeds), steps, batch_size).astype(np.int32)
+        order = (
+            np.stack(
+                [
+                    np.random.default_rng([seed, epoch]).permutation(n_train)[: steps * batch_size]
+                    for seed in seeds
+                ]
+            )
+            .reshape(len(seeds), steps, batch_size)
+            .astype(np.int32)
+        )
         params, opt_state, minibatch_loss, train_loss, test_accuracy = run_epoch(
             params, opt_state, order, x_train, y_train, x_test, y_test
         )
@@ -326,7 +332,13 @@ def compare(candidate: dict, baseline: dict, higher_is_better: bool) -> str:
 
 
 def run_configs(
-    dataset: Dataset, model_name: str, configs: dict[str, dict], *, seeds, epochs, batch_size,
+    dataset: Dataset,
+    model_name: str,
+    configs: dict[str, dict],
+    *,
+    seeds,
+    epochs,
+    batch_size,
     progress: bool,
 ) -> dict[str, dict]:
     """Trains each config (keys of ``make_optimizer`` plus a label) and summarises it."""
@@ -346,8 +358,15 @@ def run_configs(
         )
         start = time.perf_counter()
         curves = train(
-            dataset, model, tx, initial_params, seeds=seeds, epochs=epochs,
-            batch_size=batch_size, label=key, progress=progress,
+            dataset,
+            model,
+            tx,
+            initial_params,
+            seeds=seeds,
+            epochs=epochs,
+            batch_size=batch_size,
+            label=key,
+            progress=progress,
         )
         curves = {
             name: np.concatenate([initial[name][:, None], values], axis=1)
@@ -403,12 +422,14 @@ def pick_learning_rate(results: dict[str, dict], inner: str, num_validation: int
     lowest final train loss wins. Diverged runs (non-finite loss) are out.
     """
     runs = [
-        result for result in results.values()
+        result
+        for result in results.values()
         if result["optimizer"] == inner and math.isfinite(result["final"]["train_loss"]["mean"])
     ]
     best = max(result["final"]["test_accuracy"]["mean"] for result in runs)
     tied = [
-        result for result in runs
+        result
+        for result in runs
         if best - result["final"]["test_accuracy"]["mean"] <= 1.0 / num_validation + 1e-9
     ]
     return min(tied, key=lambda result: result["final"]["train_loss"]["mean"])["learning_rate"]
@@ -439,7 +460,8 @@ def markdown_table(
             )
         losses = [
             f"{value['mean']:.2e} ± {value['std']:.1e}"
-            if math.isfinite(value["mean"]) else "diverged (NaN)"
+            if math.isfinite(value["mean"])
+            else "diverged (NaN)"
             for value in (loss, mean_loss)
         ]
         lines.append(
@@ -470,7 +492,10 @@ def plot_curves(results: dict[str, dict], path: Path, title: str) -> None:
             epochs = np.arange(values.shape[1])
             (line,) = axes.plot(epochs, scale * values.mean(0), linestyle, label=result["label"])
             axes.fill_between(
-                epochs, scale * values.min(0), scale * values.max(0), color=line.get_color(),
+                epochs,
+                scale * values.min(0),
+                scale * values.max(0),
+                color=line.get_color(),
                 alpha=0.2,
             )
     loss_axes.set(xlabel="epoch", ylabel="train loss (whole train set)", yscale="log")
@@ -494,8 +519,10 @@ def validation_split(dataset: Dataset, fraction: float = 0.25, seed: int = 0) ->
     num_validation = int(fraction * len(order))
     validation, train = order[:num_validation], order[num_validation:]
     return dataset._replace(
-        x_train=dataset.x_train[train], y_train=dataset.y_train[train],
-        x_test=dataset.x_train[validation], y_test=dataset.y_train[validation],
+        x_train=dataset.x_train[train],
+        y_train=dataset.y_train[train],
+        x_test=dataset.x_train[validation],
+        y_test=dataset.y_train[validation],
         name=f"{dataset.name} (validation split of the train set)",
     )
 
@@ -517,7 +544,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--adam-lr", type=float, default=None, help="default: tuned per dataset")
     parser.add_argument("--grid", action="store_true", help="k in {5,10} x alpha in {0.5,0.8}")
     parser.add_argument(
-        "--tune", action="store_true",
+        "--tune",
+        action="store_true",
         help="learning-rate grid for the inner optimizers, on a validation split of the train set",
     )
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -559,7 +587,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for k in GRID_K:
                 for alpha in GRID_ALPHA:
                     configs[f"lookahead_{inner}_k{k}_alpha{alpha:g}"] = {
-                        **base, "optimizer": f"lookahead_{inner}", "k": k, "alpha": alpha,
+                        **base,
+                        "optimizer": f"lookahead_{inner}",
+                        "k": k,
+                        "alpha": alpha,
                     }
     else:
         stem = "convergence"
@@ -574,8 +605,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     start = time.perf_counter()
     run = partial(
-        run_configs, dataset, args.model, seeds=seeds, epochs=args.epochs,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        run_configs,
+        dataset,
+        args.model,
+        seeds=seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     results = run(configs)
     if args.tune:
@@ -585,13 +621,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for inner in TUNE_LRS
         }
         print(f"tuned: {tuned}")
-        results |= run({
-            f"lookahead_{inner}_k5_alpha{alpha:g}": {
-                **base, **tuned, "optimizer": f"lookahead_{inner}", "k": 5, "alpha": alpha,
+        results |= run(
+            {
+                f"lookahead_{inner}_k5_alpha{alpha:g}": {
+                    **base,
+                    **tuned,
+                    "optimizer": f"lookahead_{inner}",
+                    "k": 5,
+                    "alpha": alpha,
+                }
+                for inner in TUNE_LRS
+                for alpha in GRID_ALPHA
             }
-            for inner in TUNE_LRS
-            for alpha in GRID_ALPHA
-        })
+        )
     results = compare_with_inner(results)
     accuracy_name = "Validation accuracy" if args.tune else "Test accuracy"
     table = markdown_table(results, args.epochs, len(seeds), accuracy_name)
@@ -628,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not (args.grid or args.tune):
         png_path = out_dir / f"{stem}.png"
         plot_curves(
-            results, png_path,
+            results,
+            png_path,
             f"{dataset.name}, {args.model.upper()}: mean over {len(seeds)} seeds, band = min-max",
         )
         written.append(png_path)

@@ -184,7 +184,9 @@ def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
     )
     assert on_disk["results"]["lookahead_adam"]["k"] == 5
     assert set(on_disk["results"]["lookahead_sgd"]["vs_inner"]) == {
-        "test_accuracy", "train_loss", "mean_train_loss"
+        "test_accuracy",
+        "train_loss",
+        "mean_train_loss",
     }
     assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "convergence.md").read_text()
@@ -194,14 +196,33 @@ def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
 def test_benchmark_trains_the_cnn_on_a_cifar10_archive(tmp_path):
     # Two seeds: the CNN trains seed after seed (_epoch_step_by_step), not vmapped.
     _write_cifar10_batches(
-        tmp_path / "cifar" / _data.CIFAR10_DIR, np.random.default_rng(1),
-        train_per_batch=40, num_test=50, learnable=True,
+        tmp_path / "cifar" / _data.CIFAR10_DIR,
+        np.random.default_rng(1),
+        train_per_batch=40,
+        num_test=50,
+        learnable=True,
     )
-    report = convergence.main([
-        "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--epochs", "3",
-        "--seeds", "2", "--batch-size", "20", "--optimizers", "lookahead_adam",
-        "--adam-lr", "3e-3", "--out-dir", str(tmp_path / "out"), "--no-progress",
-    ])
+    report = convergence.main(
+        [
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path / "cifar"),
+            "--epochs",
+            "3",
+            "--seeds",
+            "2",
+            "--batch-size",
+            "20",
+            "--optimizers",
+            "lookahead_adam",
+            "--adam-lr",
+            "3e-3",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert report["dataset"] == "cifar10" and report["model"] == "cnn"
     assert report["num_train"] == 200 and report["num_test"] == 50
     test_accuracy = np.asarray(report["results"]["lookahead_adam"]["curves"]["test_accuracy"])
