@@ -77,9 +77,7 @@ def nqm_run(make_inner, alpha, sigma2: np.ndarray, steps: int, runs: int, seed: 
             )
             return (x, opt_state), chosen
 
-        (x, opt_state), chosen = jax.lax.scan(
-            step, (x0, tx.init(x0)), jax.random.split(key, steps)
-        )
+        (x, opt_state), chosen = jax.lax.scan(step, (x0, tx.init(x0)), jax.random.split(key, steps))
         evaluated = x if alpha is None else lo.slow_params(opt_state, x)
         return 0.5 * jnp.sum(a * evaluated**2), chosen[K - 1 :: K]
 
@@ -162,8 +160,15 @@ def run_digits(seeds: int, epochs: int) -> dict:
     for name, tx in configs.items():
         start = time.perf_counter()
         curves = convergence.train(
-            dataset, model, tx, initial, seeds=seed_list, epochs=epochs,
-            batch_size=defaults["batch_size"], label=name, progress=False,
+            dataset,
+            model,
+            tx,
+            initial,
+            seeds=seed_list,
+            epochs=epochs,
+            batch_size=defaults["batch_size"],
+            label=name,
+            progress=False,
         )
         row = {
             "test_accuracy": convergence.summarise(curves["test_accuracy"][:, -1]),

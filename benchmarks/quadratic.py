@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -507,6 +507,7 @@ def _print_tables(chains: int, steps: int) -> None:
             f"{1 - row['rate_cm']:.4f} / {1 - row['measured_cm']:.4f} | {damping} | "
             f"{row['gamma_la']:.3g} | {1 - row['rate_la']:.4f} / {1 - row['measured_la']:.4f} |"
         )
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
-        "--block-seconds", type=float, default=None,
+        "--block-seconds",
+        type=float,
+        default=None,
         help="target seconds of one timed block (rounded up to a multiple of k steps)",
     )
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Flax MLP")
@@ -233,12 +235,11 @@ def summarise(runners: dict[str, Runner], seconds, stats: dict[str, dict]) -> di
 # ------------------------------------------------------------------ optimizer steps
 
 
-def bench_optimizer(
-    total: int, leaves: int, inner_name: str, args, progress
-) -> dict[str, Any]:
+def bench_optimizer(total: int, leaves: int, inner_name: str, args, progress) -> dict[str, Any]:
     per_leaf = total // leaves
-    params = {f"w{i:02d}": jnp.full((per_leaf,), 0.01 * (i + 1), jnp.float32)
-              for i in range(leaves)}
+    params = {
+        f"w{i:02d}": jnp.full((per_leaf,), 0.01 * (i + 1), jnp.float32) for i in range(leaves)
+    }
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     params_bytes = tree_bytes(params)
     runners, stats = {}, {}
@@ -259,8 +260,12 @@ def bench_optimizer(
     seconds = interleaved_rounds(runners, args.rounds, progress)
     result = summarise(runners, seconds, stats)
     result.update(
-        kind="optimizer_step", inner=inner_name, params=per_leaf * leaves, leaves=leaves,
-        params_bytes=params_bytes, steps_per_block=steps,
+        kind="optimizer_step",
+        inner=inner_name,
+        params=per_leaf * leaves,
+        leaves=leaves,
+        params_bytes=params_bytes,
+        steps_per_block=steps,
     )
     return result
 
@@ -312,9 +317,13 @@ def bench_end_to_end(args, progress) -> dict[str, Any]:
     seconds = interleaved_rounds(runners, args.rounds, progress)
     result = summarise(runners, seconds, stats)
     result.update(
-        kind="end_to_end", inner="adam", model=f"MLP 784-{args.e2e_width}-{args.e2e_width}-10",
-        batch=args.e2e_batch, params=sum(p.size for p in jax.tree.leaves(params)),
-        leaves=len(jax.tree.leaves(params)), params_bytes=tree_bytes(params),
+        kind="end_to_end",
+        inner="adam",
+        model=f"MLP 784-{args.e2e_width}-{args.e2e_width}-10",
+        batch=args.e2e_batch,
+        params=sum(p.size for p in jax.tree.leaves(params)),
+        leaves=len(jax.tree.leaves(params)),
+        params_bytes=tree_bytes(params),
         steps_per_block=steps,
     )
     return result
@@ -361,11 +370,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info = machine_info()
-    configs = [] if args.e2e_only else [
-        (parse_size(size), inner)
-        for size in args.sizes.split(",")
-        for inner in args.inners.split(",")
-    ]
+    configs = (
+        []
+        if args.e2e_only
+        else [
+            (parse_size(size), inner)
+            for size in args.sizes.split(",")
+            for inner in args.inners.split(",")
+        ]
+    )
     for _, inner in configs:
         if inner not in INNERS:
             raise ValueError(f"--inners must be from {sorted(INNERS)}, got {inner!r}")
@@ -382,14 +395,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "machine": info,
         "config": {
-            "k": args.k, "alpha": args.alpha, "rounds": args.rounds,
-            "block_seconds": args.block_seconds, "quick": args.quick,
+            "k": args.k,
+            "alpha": args.alpha,
+            "rounds": args.rounds,
+            "block_seconds": args.block_seconds,
+            "quick": args.quick,
             "contenders": list(CONTENDERS),
         },
         "results": results,
     }
     out = args.out or (
-        Path(__file__).resolve().parent / "results"
+        Path(__file__).resolve().parent
+        / "results"
         / f"speed-{info['platform']}{'-quick' if args.quick else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ the optimizer state, so the params, gradients and updates keep one structure.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -76,7 +75,9 @@ def _check_alpha(alpha: Any) -> None:
     if isinstance(alpha, AdaptiveAlpha) or callable(alpha) or _is_traced(alpha):
         return
     is_number = isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, np.bool_))
-    is_scalar_array = isinstance(alpha, (np.ndarray, jax.Array, np.floating)) and np.ndim(alpha) == 0
+    is_scalar_array = (
+        isinstance(alpha, (np.ndarray, jax.Array, np.floating)) and np.ndim(alpha) == 0
+    )
     if not (is_number or is_scalar_array) or not 0.0 < float(alpha) <= 1.0:
         raise ValueError(
             f"alpha must be a float in (0, 1] or a schedule (a callable of the sync index), "
@@ -235,9 +236,7 @@ def lookahead(
                 if inner_state == "pullback"
                 else None
             ),
-            adaptive=(
-                alpha.init(params, inner_init) if isinstance(alpha, AdaptiveAlpha) else None
-            ),
+            adaptive=(alpha.init(params, inner_init) if isinstance(alpha, AdaptiveAlpha) else None),
         )
 
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
@@ -296,9 +295,7 @@ def lookahead(
             ordered_inner_state = jax.tree.map(lambda s: _gated(s, gate), state.inner_state)
             inner_updates, new_inner_state = inner_step(updates, ordered_inner_state)
         new_updates = jax.tree.map(
-            lambda s, p, u: jnp.where(
-                sync, _difference(s, p).astype(u.dtype), u
-            ),
+            lambda s, p, u: jnp.where(sync, _difference(s, p).astype(u.dtype), u),
             new_slow,
             params,
             inner_updates,

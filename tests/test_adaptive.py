@@ -219,9 +219,9 @@ def test_adaptive_alpha_with_pullback_and_in_scan():
         return (optax.apply_updates(params, updates), opt_state), opt_state.adaptive.alpha
 
     params0 = _to_jax(PARAMS0)
-    (params, _), alphas = jax.jit(
-        lambda carry: jax.lax.scan(body, carry, length=K * NUM_SYNCS)
-    )((params0, tx.init(params0)))
+    (params, _), alphas = jax.jit(lambda carry: jax.lax.scan(body, carry, length=K * NUM_SYNCS))(
+        (params0, tx.init(params0))
+    )
 
     beta, lr = 0.9, 0.06
     exact = exact_alpha(0.05)

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import time
 
+import _multihost_worker as worker
 import jax
 import numpy as np
-
-import _multihost_worker as worker
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 120

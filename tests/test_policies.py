@@ -251,9 +251,7 @@ def test_bool_int_and_key_leaves(policy):
         _close(slow, [np.asarray(x) for x in jax.tree.leaves(slow_ref)], atol=1e-5)
         state = opt_state.inner_state
         # dtypes never change (bool stays bool, the key stays a typed key)
-        assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(
-            lambda x: x.dtype, init_state
-        )
+        assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, init_state)
         assert bool(state.moved) == bool(state_ref.moved)
         assert int(state.count) == int(state_ref.count)
         np.testing.assert_array_equal(

@@ -11,13 +11,13 @@ import collections
 import functools
 import re
 
+import _multihost_worker as problem
 import jax
 import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import _multihost_worker as problem
 import lookahead_optax as lo
 
 DEVICES = 8
