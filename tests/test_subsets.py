@@ -17,7 +17,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference
-from tests.test_policies import _pull, policy_trajectory
+from tests.test_policies import _pull, library_trajectory, policy_trajectory
 
 PROBLEM = reference.LogisticQuadratic()
 PARAMS0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), PROBLEM.params0)
@@ -28,21 +28,6 @@ TOL = dict(rtol=5e-5, atol=5e-6)
 # interact through the logistic loss, so a wrong b changes w and the other way round.
 COVERED = [False, True, True]
 LABELS = {"b": "plain", "head": {"q": "lookahead"}, "w": "lookahead"}
-
-
-def _library(tx, num_steps):
-    @jax.jit
-    def step(params, opt_state):
-        updates, opt_state = tx.update(jax.grad(PROBLEM.loss)(params), opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, lo.slow_params(opt_state, params)
-
-    params, opt_state = PARAMS0, tx.init(PARAMS0)
-    history = []
-    for _ in range(num_steps):
-        params, opt_state, slow = step(params, opt_state)
-        history.append((params, slow, opt_state))
-    return history
 
 
 def _close(tree, leaves):
@@ -99,7 +84,7 @@ def test_lookahead_on_a_subset(wrapper, policy):
             optax.masked(lookahead, mask),
             optax.masked(plain, jax.tree.map(lambda m: not m, mask)),
         )
-    got = _library(tx, NUM_STEPS)
+    got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
     expected = subset_reference(
         reference.Adam(0.05), reference.Momentum(0.3, 0.9), 3, 0.6, NUM_STEPS, policy
     )
@@ -131,7 +116,7 @@ def test_adaptive_alpha_on_a_subset():
         ),
         optax.masked(optax.sgd(0.3), jax.tree.map(lambda m: not m, mask)),
     )
-    got = _library(tx, NUM_STEPS)
+    got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
 
     # Reference: the adaptive slow step on the covered leaves [q, w].
     adam, sgd = reference.Adam(0.3, b2=b2), reference.SGD(0.3)
@@ -200,7 +185,7 @@ def test_nested_lookahead(outer_policy):
     tx = lo.lookahead(
         lo.lookahead(optax.adam(0.05), k=2, alpha=0.5), k=3, alpha=0.6, inner_state=outer_policy
     )
-    got = _library(tx, 13)
+    got = library_trajectory(tx, PARAMS0, PROBLEM.loss, 13)
     expected = policy_trajectory(
         PROBLEM.leaves0(),
         PROBLEM.grad,
