@@ -235,6 +235,17 @@ def summarise(runners: dict[str, Runner], seconds, stats: dict[str, dict]) -> di
 # ------------------------------------------------------------------ optimizer steps
 
 
+def time_interleaved(runners, stats, args, progress) -> tuple[dict[str, Any], int]:
+    """Warms every runner up, sizes the timed blocks on the inner step, times interleaved rounds."""
+    for runner in runners.values():
+        runner.run(args.k)  # warm up
+    steps = steps_per_block(runners["inner"].run(args.k)[0], args.block_seconds, args.k)
+    for runner in runners.values():
+        runner.steps = steps
+    seconds = interleaved_rounds(runners, args.rounds, progress)
+    return summarise(runners, seconds, stats), steps
+
+
 def bench_optimizer(total: int, leaves: int, inner_name: str, args, progress) -> dict[str, Any]:
     per_leaf = total // leaves
     params = {
@@ -252,13 +263,7 @@ def bench_optimizer(total: int, leaves: int, inner_name: str, args, progress) ->
         extra_params = tree_bytes(wrapped) - params_bytes
         stats[name]["state_bytes"] = tree_bytes(opt_state) + extra_params
         runners[name] = Runner(compiled, wrapped, opt_state, grads, steps=args.k)
-        runners[name].run(args.k)  # warm up
-    per_step, _ = runners["inner"].run(args.k)
-    steps = steps_per_block(per_step, args.block_seconds, args.k)
-    for runner in runners.values():
-        runner.steps = steps
-    seconds = interleaved_rounds(runners, args.rounds, progress)
-    result = summarise(runners, seconds, stats)
+    result, steps = time_interleaved(runners, stats, args, progress)
     result.update(
         kind="optimizer_step",
         inner=inner_name,
@@ -310,12 +315,7 @@ def bench_end_to_end(args, progress) -> dict[str, Any]:
         opt_state = tx.init(wrapped)
         compiled, stats[name] = compile_step(train_step(tx), wrapped, opt_state, x, y)
         runners[name] = Runner(compiled, wrapped, opt_state, x, y, steps=args.k)
-        runners[name].run(args.k)
-    steps = steps_per_block(runners["inner"].run(args.k)[0], args.block_seconds, args.k)
-    for runner in runners.values():
-        runner.steps = steps
-    seconds = interleaved_rounds(runners, args.rounds, progress)
-    result = summarise(runners, seconds, stats)
+    result, steps = time_interleaved(runners, stats, args, progress)
     result.update(
         kind="end_to_end",
         inner="adam",
