@@ -2,6 +2,7 @@
 
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
 from lookahead_optax._flax import abstract_opt_state, nnx_slow_model
+from lookahead_optax._fused import update_and_apply
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._slow import slow_params
 
@@ -11,6 +12,7 @@ __all__ = [
     "LookaheadState",
     "lookahead",
     "slow_params",
+    "update_and_apply",
     "nnx_slow_model",
     "abstract_opt_state",
     "AdaptiveAlpha",

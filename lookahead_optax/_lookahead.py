@@ -8,11 +8,14 @@ the optimizer state, so the params, gradients and updates keep one structure.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -23,6 +26,23 @@ from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState
 InnerStatePolicy = Literal["keep", "reset", "pullback"]
 AlphaLike = float | Array | Callable[[Array], Array]
 _INNER_STATE_POLICIES = ("keep", "reset", "pullback")
+
+# Set by update_and_apply while it traces tx.update: either a list in which every
+# lookahead records (its sync predicate, the trace it was computed in), or the static sync
+# decision of the lax.cond branch being traced. None: the usual update, which decides itself.
+_static_sync: contextvars.ContextVar[list | bool | None] = contextvars.ContextVar(
+    "lookahead_optax_static_sync", default=None
+)
+
+
+@contextlib.contextmanager
+def _sync_mode(mode: list | bool) -> Iterator[None]:
+    """Within the block, every lookahead's update records its predicate or takes ``mode``."""
+    token = _static_sync.set(mode)
+    try:
+        yield
+    finally:
+        _static_sync.reset(token)
 
 
 class LookaheadState(NamedTuple):
@@ -290,16 +310,33 @@ def lookahead(
         def not_synced():
             return state.slow, jnp.array(True)
 
-        new_slow, gate = jax.lax.cond(sync, synced, not_synced)
+        mode = _static_sync.get()
+        if isinstance(mode, list):  # update_and_apply's probe: record, trace the cheap branch
+            mode.append((sync, jax.extend.core.get_opaque_trace_state()))
+            mode = False
+        if mode is None:
+            new_slow, gate = jax.lax.cond(sync, synced, not_synced)
+        else:  # a branch of update_and_apply's cond: whether it syncs is known statically
+            sync = jnp.asarray(mode)
+            new_slow, gate = synced() if mode else not_synced()
         if inner_before_sync is None:
             ordered_inner_state = jax.tree.map(lambda s: _gated(s, gate), state.inner_state)
             inner_updates, new_inner_state = inner_step(updates, ordered_inner_state)
-        new_updates = jax.tree.map(
-            lambda s, p, u: jnp.where(sync, _difference(s, p).astype(u.dtype), u),
-            new_slow,
-            params,
-            inner_updates,
-        )
+
+        def to_slow(s, p, u):
+            return _difference(s, p).astype(u.dtype)
+
+        if mode is None:
+            new_updates = jax.tree.map(
+                lambda s, p, u: jnp.where(sync, to_slow(s, p, u), u),
+                new_slow,
+                params,
+                inner_updates,
+            )
+        else:
+            new_updates = (
+                jax.tree.map(to_slow, new_slow, params, inner_updates) if mode else inner_updates
+            )
         new_inner_state, cycle_start = _sync_inner_state(
             sync, new_inner_state, state.cycle_start, new_slow, params, step_alpha
         )
