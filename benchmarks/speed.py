@@ -6,6 +6,8 @@ fixed gradients:
 
 - ``inner``: ``inner.update`` + ``optax.apply_updates``;
 - ``lookahead_optax``: the same with ``lookahead_optax.lookahead(inner)``;
+- ``update_and_apply``: ``lookahead_optax.update_and_apply(lookahead(inner), ...)``, which
+  decides the sync first and runs one fused program per case;
 - ``optax.lookahead``: ``optax.lookahead(inner)`` with its ``LookaheadParams`` wrapping.
 
 Timing: rounds interleaved (inner, lookahead_optax, optax.lookahead, inner, ...; the
@@ -22,6 +24,8 @@ synthetic data, with the same interleaving.
     python benchmarks/speed.py                # full suite, ~5-10 min on 2 CPU cores
     python benchmarks/speed.py --quick        # small sizes, a smoke run
     python benchmarks/speed.py --sizes 16M/8 --inners adam --rounds 21
+    python benchmarks/speed.py --loop 4       # 4 sync periods per call: device time,
+                                              # the per-call dispatch amortised away
 
 Results go to ``benchmarks/results/speed-<platform>.json`` (``--out`` to change).
 """
@@ -53,7 +57,8 @@ from _timing import (  # noqa: E402
 
 import lookahead_optax as lo  # noqa: E402
 
-CONTENDERS = ("inner", "lookahead_optax", "optax.lookahead")
+CONTENDERS = ("inner", "lookahead_optax", "update_and_apply", "optax.lookahead")
+OURS = ("lookahead_optax", "update_and_apply")
 INNERS = {
     "adam": lambda: optax.adam(1e-4),
     "sgdm": lambda: optax.sgd(1e-4, momentum=0.9),
@@ -80,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="target seconds of one timed block (rounded up to a multiple of k steps)",
+    )
+    parser.add_argument(
+        "--loop",
+        type=int,
+        default=0,
+        help="run this many sync periods per call in a fori_loop (0: one step per call)",
     )
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Flax MLP")
     parser.add_argument("--e2e-only", action="store_true")
@@ -108,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_transform(name: str, inner: optax.GradientTransformation, k: int, alpha: float):
     if name == "inner":
         return inner
-    if name == "lookahead_optax":
+    if name in OURS:
         return lo.lookahead(inner, k=k, alpha=alpha)
     return optax.lookahead(inner, sync_period=k, slow_step_size=alpha)
 
@@ -125,12 +136,32 @@ def fast_of(params: Any) -> Any:
     return params.fast if isinstance(params, optax.LookaheadParams) else params
 
 
-def optimizer_step(tx: optax.GradientTransformation):
+def apply_gradients(name: str, tx: optax.GradientTransformation, grads, opt_state, params):
+    if name == "update_and_apply":
+        return lo.update_and_apply(tx, grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def optimizer_step(name: str, tx: optax.GradientTransformation):
     def step(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return apply_gradients(name, tx, grads, opt_state, params)
 
     return step
+
+
+def looped(step, steps: int):
+    """``steps`` steps in one program (a fori_loop): one dispatch per ``steps`` steps."""
+    if steps <= 1:
+        return step
+
+    def run(params, opt_state, *batch):
+        def body(_, carry):
+            return step(*carry, *batch)
+
+        return jax.lax.fori_loop(0, steps, body, (params, opt_state))
+
+    return run
 
 
 def large_copies(hlo_text: str, min_elements: int) -> int:
@@ -145,11 +176,13 @@ def large_copies(hlo_text: str, min_elements: int) -> int:
     return count
 
 
-def compile_step(step, *args) -> tuple[Any, dict[str, Any]]:
-    """Lowers and compiles with params and state donated; returns it and its statistics."""
+def compile_step(step, *args, loop: int = 1) -> tuple[Any, dict[str, Any]]:
+    """Compiles one step, params and state donated, for its statistics; returns the program
+    to time (``loop`` steps per call) and the statistics."""
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
     compile_s = time.perf_counter() - start
+    timed = compiled if loop <= 1 else jax.jit(looped(step, loop), donate_argnums=(0, 1))
     memory = compiled.memory_analysis()
     smallest_leaf = min(x.size for x in jax.tree.leaves(fast_of(args[0])))
     cost = compiled.cost_analysis()
@@ -164,15 +197,15 @@ def compile_step(step, *args) -> tuple[Any, dict[str, Any]]:
         "alias_bytes": int(memory.alias_size_in_bytes),
         "params_sized_copies": large_copies(compiled.as_text(), smallest_leaf),
     }
-    return compiled, stats
+    return timed, stats
 
 
 class Runner:
     """Owns one contender's donated params and state; each call times a block of steps."""
 
-    def __init__(self, compiled, params, opt_state, *batch, steps: int):
+    def __init__(self, compiled, params, opt_state, *batch, steps: int, per_call: int = 1):
         self.compiled, self.params, self.opt_state = compiled, params, opt_state
-        self.batch, self.steps = batch, steps
+        self.batch, self.steps, self.per_call = batch, steps, max(per_call, 1)
         self.cpu_seconds: list[float] = []  # per step, one entry per timed block
 
     def run(self, steps: int) -> tuple[float, float]:
@@ -180,7 +213,7 @@ class Runner:
         params, opt_state = self.params, self.opt_state
         jax.block_until_ready((params, opt_state))
         start, start_cpu = time.perf_counter(), time.process_time()
-        for _ in range(steps):
+        for _ in range(steps // self.per_call):
             params, opt_state = self.compiled(params, opt_state, *self.batch)
         jax.block_until_ready((params, opt_state))
         self.params, self.opt_state = params, opt_state
@@ -218,13 +251,13 @@ def summarise(runners: dict[str, Runner], seconds, stats: dict[str, dict]) -> di
         "ratio_of_fastest_blocks": {
             name: min(seconds[name]) / min(seconds["inner"]) for name in seconds if name != "inner"
         },
-        # > 1: lookahead_optax is that many times faster per step than optax.lookahead.
-        "speedup_vs_optax_lookahead": ratio_summary(
-            seconds["optax.lookahead"], seconds["lookahead_optax"]
-        ),
-        "cpu_speedup_vs_optax_lookahead": ratio_summary(
-            cpu["optax.lookahead"], cpu["lookahead_optax"]
-        ),
+        # > 1: ours is that many times faster per step than optax.lookahead.
+        "speedup_vs_optax_lookahead": {
+            name: ratio_summary(seconds["optax.lookahead"], seconds[name]) for name in OURS
+        },
+        "cpu_speedup_vs_optax_lookahead": {
+            name: ratio_summary(cpu["optax.lookahead"], cpu[name]) for name in OURS
+        },
         "compile_ratio_vs_inner": {
             name: s["compile_s"] / inner_compile for name, s in stats.items() if name != "inner"
         },
@@ -237,9 +270,10 @@ def summarise(runners: dict[str, Runner], seconds, stats: dict[str, dict]) -> di
 
 def time_interleaved(runners, stats, args, progress) -> tuple[dict[str, Any], int]:
     """Warms every runner up, sizes the timed blocks on the inner step, times interleaved rounds."""
+    unit = args.k * max(args.loop, 1)  # whole sync periods, whole calls
     for runner in runners.values():
-        runner.run(args.k)  # warm up
-    steps = steps_per_block(runners["inner"].run(args.k)[0], args.block_seconds, args.k)
+        runner.run(unit)  # warm up
+    steps = steps_per_block(runners["inner"].run(unit)[0], args.block_seconds, unit)
     for runner in runners.values():
         runner.steps = steps
     seconds = interleaved_rounds(runners, args.rounds, progress)
@@ -258,11 +292,15 @@ def bench_optimizer(total: int, leaves: int, inner_name: str, args, progress) ->
         tx = make_transform(name, INNERS[inner_name](), args.k, args.alpha)
         wrapped = wrap_params(name, jax.tree.map(jnp.copy, params))
         opt_state = tx.init(wrapped)
-        compiled, stats[name] = compile_step(optimizer_step(tx), wrapped, opt_state, grads)
+        compiled, stats[name] = compile_step(
+            optimizer_step(name, tx), wrapped, opt_state, grads, loop=args.loop * args.k
+        )
         # optax.lookahead holds its slow weights in the params, not in the state.
         extra_params = tree_bytes(wrapped) - params_bytes
         stats[name]["state_bytes"] = tree_bytes(opt_state) + extra_params
-        runners[name] = Runner(compiled, wrapped, opt_state, grads, steps=args.k)
+        runners[name] = Runner(
+            compiled, wrapped, opt_state, grads, steps=args.k, per_call=args.loop * args.k
+        )
     result, steps = time_interleaved(runners, stats, args, progress)
     result.update(
         kind="optimizer_step",
@@ -300,11 +338,10 @@ def bench_end_to_end(args, progress) -> dict[str, Any]:
         logits = model.apply({"params": fast}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def train_step(tx):
+    def train_step(name, tx):
         def step(params, opt_state, x, y):
             grads = jax.grad(loss_fn)(fast_of(params), x, y)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            return apply_gradients(name, tx, grads, opt_state, params)
 
         return step
 
@@ -313,8 +350,12 @@ def bench_end_to_end(args, progress) -> dict[str, Any]:
         tx = make_transform(name, INNERS["adam"](), args.k, args.alpha)
         wrapped = wrap_params(name, jax.tree.map(jnp.copy, params))
         opt_state = tx.init(wrapped)
-        compiled, stats[name] = compile_step(train_step(tx), wrapped, opt_state, x, y)
-        runners[name] = Runner(compiled, wrapped, opt_state, x, y, steps=args.k)
+        compiled, stats[name] = compile_step(
+            train_step(name, tx), wrapped, opt_state, x, y, loop=args.loop * args.k
+        )
+        runners[name] = Runner(
+            compiled, wrapped, opt_state, x, y, steps=args.k, per_call=args.loop * args.k
+        )
     result, steps = time_interleaved(runners, stats, args, progress)
     result.update(
         kind="end_to_end",
@@ -337,32 +378,32 @@ def format_table(results: list[dict[str, Any]]) -> str:
         return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
     lines = [
-        "| benchmark | inner | params/leaves | inner step | lookahead_optax / inner "
-        "| CPU time ratio | fastest blocks | optax.lookahead / inner | speed-up vs optax.lookahead "
-        "| CPU-time speed-up "
+        "| benchmark | inner | params/leaves | inner step "
+        "| lookahead_optax / inner | CPU time | update_and_apply / inner | CPU time "
+        "| optax.lookahead / inner | speed-up vs optax.lookahead (ours: tx.update, fused) "
         "| extra temp (x params) | compile ratio | params-sized copies |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         stats = r["stats"]
         params_bytes = r.get("params_bytes") or 4 * r["params"]
-        extra_temp = (stats["lookahead_optax"]["temp_bytes"] - stats["inner"]["temp_bytes"]) / (
-            params_bytes
-        )
+        extra_temp = max(stats[name]["temp_bytes"] for name in OURS) - stats["inner"]["temp_bytes"]
+        speedups = r["speedup_vs_optax_lookahead"]
         where = "step" if r["kind"] == "optimizer_step" else "train step"
         lines.append(
-            f"| {where} | {r['inner']} | {r['params'] / 1e6:.2g}M/"
-            f"{r['leaves']} "
+            f"| {where} | {r['inner']} | {r['params'] / 1e6:.2g}M/{r['leaves']} "
             f"| {r['time']['inner']['median_s'] * 1e3:.2f} ms "
-            f"| {ratio(r['ratio_vs_inner']['lookahead_optax'])} "
-            f"| {ratio(r['cpu_ratio_vs_inner']['lookahead_optax'])} "
-            f"| {r['ratio_of_fastest_blocks']['lookahead_optax']:.2f}x "
-            f"| {ratio(r['ratio_vs_inner']['optax.lookahead'])} "
-            f"| {ratio(r['speedup_vs_optax_lookahead'])} "
-            f"| {ratio(r['cpu_speedup_vs_optax_lookahead'])} "
-            f"| {extra_temp:+.3f} "
-            f"| {r['compile_ratio_vs_inner']['lookahead_optax']:.2f}x "
-            f"| {stats['lookahead_optax']['params_sized_copies']} |"
+            + "".join(
+                f"| {ratio(r['ratio_vs_inner'][name])} "
+                f"| {r['cpu_ratio_vs_inner'][name]['median']:.2f}x "
+                for name in OURS
+            )
+            + f"| {ratio(r['ratio_vs_inner']['optax.lookahead'])} "
+            f"| {speedups['lookahead_optax']['median']:.2f}x, "
+            f"{speedups['update_and_apply']['median']:.2f}x "
+            f"| {extra_temp / params_bytes:+.4f} "
+            f"| {max(r['compile_ratio_vs_inner'][name] for name in OURS):.2f}x "
+            f"| {max(stats[name]['params_sized_copies'] for name in OURS)} |"
         )
     return "\n".join(lines)
 
@@ -401,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "block_seconds": args.block_seconds,
             "quick": args.quick,
             "contenders": list(CONTENDERS),
+            "loop": args.loop,
         },
         "results": results,
     }

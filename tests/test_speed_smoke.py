@@ -9,34 +9,45 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+OURS = ("lookahead_optax", "update_and_apply")
+RATIO_KEYS = (
+    "ratio_vs_inner",
+    "cpu_ratio_vs_inner",
+    "speedup_vs_optax_lookahead",
+    "cpu_speedup_vs_optax_lookahead",
+)
 
 
-def test_quick_mode_writes_finite_ratios_for_every_contender(tmp_path):
+@pytest.mark.parametrize("loop", [[], ["--loop", "2"]], ids=["per_step", "looped"])
+def test_quick_mode_writes_finite_ratios_for_every_contender(tmp_path, loop):
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import speed
     finally:
         sys.path.remove(str(BENCHMARKS))
     out = tmp_path / "speed.json"
-    speed.main(["--quick", "--no-e2e", "--sizes", "20K/4", "--rounds", "2", "--out", str(out)])
+    speed.main(
+        ["--quick", "--no-e2e", "--sizes", "20K/4", "--rounds", "2", "--out", str(out), *loop]
+    )
     report = json.loads(out.read_text())
 
     assert {"jax", "optax", "cpu", "cpu_cores", "platform"} <= set(report["machine"])
     assert [(r["inner"], r["leaves"]) for r in report["results"]] == [("adam", 4), ("sgdm", 4)]
     for result in report["results"]:
         ratios = [
-            result["ratio_vs_inner"]["lookahead_optax"]["median"],
             result["ratio_vs_inner"]["optax.lookahead"]["median"],
-            result["cpu_ratio_vs_inner"]["lookahead_optax"]["median"],
-            result["speedup_vs_optax_lookahead"]["median"],
-            result["compile_ratio_vs_inner"]["lookahead_optax"],
+            *(result[key][name]["median"] for key in RATIO_KEYS for name in OURS),
+            *(result["compile_ratio_vs_inner"][name] for name in OURS),
         ]
         assert all(math.isfinite(r) and r > 0 for r in ratios)
         assert result["ratio_vs_inner"]["lookahead_optax"]["rounds"] == 2
         stats = result["stats"]
-        assert set(stats) == {"inner", "lookahead_optax", "optax.lookahead"}
+        assert set(stats) == {"inner", *OURS, "optax.lookahead"}
         # The state sizes follow from the definitions: + one params copy for lookahead.
-        assert stats["lookahead_optax"]["state_bytes"] - stats["inner"]["state_bytes"] == (
-            result["params_bytes"] + 8
-        )
+        for name in OURS:
+            assert stats[name]["state_bytes"] - stats["inner"]["state_bytes"] == (
+                result["params_bytes"] + 8
+            )
