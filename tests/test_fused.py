@@ -117,6 +117,24 @@ def test_equals_update_then_apply(name):
                 np.testing.assert_array_equal(a, b, err_msg=f"step {step}")
 
 
+def test_vmap_over_an_ensemble_equals_separate_runs():
+    # Under vmap the step count is batched, so both branches run and a select picks: slower,
+    # still the same steps.
+    tx = lo.lookahead(optax.sgd(0.1, momentum=0.9), k=2)
+    starts = [initial_params(), jax.tree.map(lambda x: 0.5 * x, initial_params())]
+
+    def steps(params, num_steps=5):
+        opt_state = tx.init(params)
+        for _ in range(num_steps):
+            params, opt_state = fused_step(params, opt_state, loss_grad(params), tx)
+        return params
+
+    batched = jax.jit(jax.vmap(steps))(jax.tree.map(lambda *xs: jnp.stack(xs), *starts))
+    for i, start in enumerate(starts):
+        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(jax.jit(steps)(start))):
+            np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7)
+
+
 def test_extra_args_reach_the_inner_optimizer():
     linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=10, store_grad=True)
     tx = lo.lookahead(optax.lbfgs(linesearch=linesearch), k=3)

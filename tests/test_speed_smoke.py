@@ -45,7 +45,9 @@ def test_quick_mode_writes_finite_ratios_for_every_contender(tmp_path, loop):
         assert all(math.isfinite(r) and r > 0 for r in ratios)
         assert result["ratio_vs_inner"]["lookahead_optax"]["rounds"] == 2
         stats = result["stats"]
-        assert set(stats) == {"inner", *OURS, "optax.lookahead"}
+        assert set(stats) == {"inner", *OURS, "optax.lookahead", "inner+copy"}
+        copy_bytes = stats["inner+copy"]["state_bytes"] - stats["inner"]["state_bytes"]
+        assert copy_bytes == result["params_bytes"]
         # The state sizes follow from the definitions: + one params copy for lookahead.
         for name in OURS:
             assert stats[name]["state_bytes"] - stats["inner"]["state_bytes"] == (
