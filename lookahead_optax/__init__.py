@@ -6,7 +6,7 @@ from lookahead_optax._fused import update_and_apply
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._slow import slow_params
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LookaheadState",
