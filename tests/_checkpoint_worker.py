@@ -8,6 +8,8 @@ Commands:
   resume ROOT OUT.npz   for each ROOT/<inner_state> checkpoint directory, restore
       every saved step and train it to STEPS, recording params and slow weights
       after every step.
+  resume-nnx CKPT_DIR OUT.npz   the same for the Flax NNX run (nnx.Optimizer), saved
+      as nnx.state(model) and nnx.state(optimizer).
   save-forever CKPT_DIR                 save large checkpoints of known values
       (see ``known_checkpoint``) for steps 0, 1, 2, ... until killed.
 """
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 from sklearn.datasets import load_digits
 
 import lookahead_optax as lo
@@ -122,6 +125,83 @@ def resume(root: str, out_path: str) -> None:
     np.savez(out_path, **trajectories)
 
 
+# --- Flax NNX: the same problem with nnx.Optimizer --------------------------------
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(64, HIDDEN, rngs=rngs)
+        self.out = nnx.Linear(HIDDEN, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def nnx_create(seed: int = 0) -> tuple[MLP, nnx.Optimizer]:
+    model = MLP(nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, make_tx("keep"), wrt=nnx.Param)
+
+
+@nnx.jit
+def nnx_train_step(model, optimizer, x, y):
+    def loss(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    optimizer.update(model, nnx.grad(loss)(model))
+
+
+def nnx_train(model, optimizer, first_step, last_step, on_step=None):
+    for step in range(first_step + 1, last_step + 1):
+        nnx_train_step(model, optimizer, *batches()[step - 1])
+        if on_step is not None:
+            on_step(step, model, optimizer)
+
+
+def nnx_leaves(model, optimizer):
+    """The model's params' leaves, then the slow weights' leaves, as numpy arrays."""
+    params = nnx.state(model, nnx.Param)
+    trees = (params, lo.slow_params(optimizer.opt_state, params))
+    return [np.asarray(leaf) for tree in trees for leaf in jax.tree.leaves(tree)]
+
+
+def nnx_save(manager, step, model, optimizer):
+    args = ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.state(model)),
+        optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+    )
+    manager.save(step, args=args)
+
+
+def nnx_restore(manager, step):
+    """Restores into a model and optimizer built from a different seed, from shapes only."""
+    abstract_model, abstract_optimizer = nnx.eval_shape(nnx_create)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(nnx.state(abstract_model)),
+            optimizer=ocp.args.StandardRestore(nnx.state(abstract_optimizer)),
+        ),
+    )
+    model, optimizer = nnx_create(seed=123)  # everything must come from the checkpoint
+    nnx.update(model, restored.model)
+    nnx.update(optimizer, restored.optimizer)
+    return model, optimizer
+
+
+def resume_nnx(ckpt_dir: str, out_path: str) -> None:
+    trajectories = {}
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+        for start in manager.all_steps():
+            model, optimizer = nnx_restore(manager, start)
+
+            def record(step, model, optimizer, prefix=f"from{start}"):
+                for i, leaf in enumerate(nnx_leaves(model, optimizer)):
+                    trajectories[f"{prefix}/step{step}/leaf{i}"] = leaf
+
+            nnx_train(model, optimizer, start, STEPS, record)
+    np.savez(out_path, **trajectories)
+
+
 # --- SIGKILL while saving -------------------------------------------------------
 
 BIG = 4_000_000  # float32 elements per big leaf: 16 MB, so a save takes a while
@@ -148,4 +228,4 @@ def save_forever(ckpt_dir: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"resume": resume, "save-forever": save_forever}[command](*args)
+    {"resume": resume, "resume-nnx": resume_nnx, "save-forever": save_forever}[command](*args)
