@@ -93,6 +93,12 @@ CONFIGURATIONS = {
             k=3, alpha=0.5
         )
     ),
+    "apply_if_finite": lambda: helpers.standard_promotion(
+        optax.apply_if_finite(lo.lookahead(optax.adam(0.05), k=3), max_consecutive_errors=2)
+    ),
+    "masked": lambda: optax.masked(
+        lo.lookahead(optax.sgd(0.1, momentum=0.9), k=2), lambda p: {k: k != "b" for k in p}
+    ),
     # Lookahead under MultiSteps' cond: the two-call path.
     "multi_steps": lambda: helpers.standard_promotion(
         optax.MultiSteps(lo.lookahead(optax.adam(0.05), k=2), every_k_schedule=2)
