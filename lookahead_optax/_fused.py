@@ -19,9 +19,9 @@ def update_and_apply(
     """``tx.update`` then ``optax.apply_updates``, faster when ``tx`` holds a lookahead.
 
     Returns what ``updates, opt_state = tx.update(grads, opt_state, params)``
-    followed by ``optax.apply_updates(params, updates)`` returns (bit for bit
-    in the tested configurations; where a reduction such as a global norm is
-    fused differently, within an ulp). The difference is speed: whether this
+    followed by ``optax.apply_updates(params, updates)`` returns, up to an
+    ulp of rounding where XLA fuses the two programs differently (a
+    multiply-add, a global norm's sum). The difference is speed: whether this
     step syncs is read from the state first, and a ``lax.cond`` then runs one
     of two whole steps, each compiled as one fused program with the apply.
 
@@ -66,7 +66,7 @@ def update_and_apply(
       Array([ 0.905, -1.81 ], dtype=float32)
     """
 
-    def step(sync: bool | list):
+    def step(sync: bool | list | None):  # None: tx.update decides, as usual
         with _sync_mode(sync):
             updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return optax.apply_updates(params, updates), new_state
@@ -76,6 +76,5 @@ def update_and_apply(
     step(predicates)
     here = jax.extend.core.get_opaque_trace_state()
     if len(predicates) != 1 or predicates[0][1] != here:
-        updates, new_state = tx.update(grads, opt_state, params, **extra_args)
-        return optax.apply_updates(params, updates), new_state
+        return step(None)
     return jax.lax.cond(predicates[0][0], lambda: step(True), lambda: step(False))

@@ -36,7 +36,7 @@ _static_sync: contextvars.ContextVar[list | bool | None] = contextvars.ContextVa
 
 
 @contextlib.contextmanager
-def _sync_mode(mode: list | bool) -> Iterator[None]:
+def _sync_mode(mode: list | bool | None) -> Iterator[None]:
     """Within the block, every lookahead's update records its predicate or takes ``mode``."""
     token = _static_sync.set(mode)
     try:
