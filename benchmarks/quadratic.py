@@ -30,7 +30,7 @@ import optax
 
 import lookahead_optax as lo
 
-# The setting of PAPER.md's Monte Carlo check.
+# The noisy-quadratic setting: stiff to flat curvatures, gradient noise per coordinate.
 PAPER_A = np.array([1.0, 0.1, 0.01])
 PAPER_SIGMA2 = np.array([1.0, 0.5, 2.0])
 PAPER_GAMMA = 0.5
@@ -465,10 +465,11 @@ def steady_state_run(
 def variance_table(
     configs=((5, 0.5), (10, 0.8), (20, 0.5), (5, 1.0)), steps=5000, chains=1024, seed=0
 ) -> list[dict]:
-    """Closed-form steady-state variance against the library's Monte Carlo (PAPER.md setting).
+    """Closed-form steady-state variance against the library's Monte Carlo.
 
-    The last row (k=None) is plain ``optax.sgd``. Each row draws its own noise
-    (seed + row index), so the rows' Monte Carlo errors are independent.
+    At PAPER_A, PAPER_SIGMA2 and PAPER_GAMMA. The last row (k=None) is plain
+    ``optax.sgd``. Each row draws its own noise (seed + row index), so the
+    rows' Monte Carlo errors are independent.
     """
     rows = []
     for index, (k, alpha) in enumerate(list(configs) + [(None, None)]):
