@@ -1,7 +1,7 @@
 """Lookahead ("k steps forward, 1 step back") as a drop-in optax transformation."""
 
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
-from lookahead_optax._flax import abstract_opt_state, nnx_slow_model
+from lookahead_optax._flax import abstract_opt_state, nnx_slow_model, nnx_update_batch_stats
 from lookahead_optax._fused import update_and_apply
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._slow import slow_params
@@ -14,6 +14,7 @@ __all__ = [
     "slow_params",
     "update_and_apply",
     "nnx_slow_model",
+    "nnx_update_batch_stats",
     "abstract_opt_state",
     "AdaptiveAlpha",
     "AdaptiveAlphaState",

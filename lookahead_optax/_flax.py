@@ -1,4 +1,5 @@
-"""Framework helpers: a Flax NNX model at the slow weights, and Orbax's restore target.
+"""Framework helpers: a Flax NNX model at the slow weights, its batch statistics
+recomputed there, and Orbax's restore target.
 
 Flax and Orbax stay optional dependencies: flax is imported inside the function
 that needs it, never at ``import lookahead_optax``. Linen's ``TrainState`` needs
@@ -7,9 +8,11 @@ no helper: ``lo.slow_params(state.opt_state, state.params)`` does the job.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lookahead_optax._slow import slow_params
@@ -26,6 +29,13 @@ def nnx_slow_model(model: Any, optimizer: Any) -> Any:
     to forget. Evaluate and export this model: the slow weights are
     Lookahead's output. It is a plain function of its inputs, so it also works
     inside ``nnx.jit``.
+
+    The batch statistics (``nnx.BatchStat``: BatchNorm's running ``mean`` and
+    ``var``) are those of the *fast* trajectory: the running averages of the
+    activations the fast weights produced during training, not the activations
+    at the slow weights. To evaluate with statistics measured at the slow
+    weights, recompute them with :func:`lookahead_optax.nnx_update_batch_stats`
+    (as ``torch.optim.swa_utils.update_bn`` does for weight averaging).
 
     Args:
       model: The NNX module being trained (it holds the fast weights).
@@ -60,6 +70,114 @@ def nnx_slow_model(model: Any, optimizer: Any) -> Any:
     # copy=True gives the new model its own Variables; without it the slow
     # model's batch statistics would alias (and update) the trained model's.
     return nnx.merge(graphdef, slow, rest, copy=True)
+
+
+def nnx_update_batch_stats(
+    model: Any, batches: Iterable[Any], *, forward: Callable[[Any, Any], Any] | None = None
+) -> Any:
+    """Returns a copy of ``model`` whose BatchNorm statistics are recomputed over ``batches``.
+
+    The NNX counterpart of PyTorch's ``torch.optim.swa_utils.update_bn``, for the
+    model :func:`lookahead_optax.nnx_slow_model` returns: that model holds the
+    slow weights but the batch statistics of the fast trajectory. This runs the
+    model once over every batch and sets the running statistics of each
+    ``nnx.BatchNorm`` to, exactly (up to float32 rounding),
+
+    - ``mean``: the mean over the batches of each batch's per-feature mean of
+      the BatchNorm's input (with batches of equal size, the mean over all
+      examples);
+    - ``var``: the mean over the batches of each batch's per-feature variance
+      of that input (the biased variance BatchNorm normalises by in training),
+
+    each batch counting once, as in ``update_bn``'s cumulative average (drop a
+    last, smaller batch to weigh every example equally). The input of each
+    BatchNorm is the one the model produces at its own weights: every BatchNorm
+    normalises by its batch (training mode), as during training, while
+    ``Dropout`` and other modules with a ``deterministic`` attribute run
+    deterministically, as in evaluation. The stale statistics are discarded
+    (reset to zeros and ones first, so even non-finite ones do not leak in).
+
+    ``model`` itself is not changed: the result is a new module, sharing no
+    Variable with it, with every other variable and every attribute (modes,
+    ``momentum``) as in ``model``. So
+    ``lo.nnx_update_batch_stats(lo.nnx_slow_model(model, optimizer), batches)``
+    leaves the trained model untouched. A model with no ``nnx.BatchNorm`` is
+    returned as a copy without running it.
+
+    Args:
+      model: An NNX module, usually the one ``nnx_slow_model`` returns.
+      batches: An iterable of inputs, such as a pass over the training set, of
+        the same shape (the forward pass is compiled with ``nnx.jit`` once per
+        shape). BatchNorms with an ``axis_name`` (``pmap``) are not supported.
+      forward: ``forward(model, batch)`` runs the model on one batch; its result
+        is ignored. Default: ``model(batch)``. Pass e.g.
+        ``lambda model, batch: model(batch[0])`` for ``(inputs, labels)`` pairs.
+
+    Returns:
+      A new module of the same type as ``model`` with recomputed batch statistics.
+
+    Raises:
+      ValueError: if ``batches`` is empty (and the model has a BatchNorm).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import lookahead_optax as lo
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> x = jax.random.normal(jax.random.key(1), (4, 8, 2))  # 4 batches of 8
+      >>> updated = lo.nnx_update_batch_stats(model, x)
+      >>> h = x @ model.layers[0].kernel[...] + model.layers[0].bias[...]
+      >>> bool(jnp.allclose(updated.layers[1].mean[...], h.mean((0, 1)), atol=1e-6))
+      True
+      >>> bool(jnp.allclose(updated.layers[1].var[...], h.var(1).mean(0), atol=1e-6))
+      True
+      >>> model.layers[1].mean[...]  # the argument keeps its statistics
+      Array([0., 0., 0.], dtype=float32)
+    """
+    from flax import nnx
+
+    if forward is None:
+
+        def forward(model, batch):
+            return model(batch)
+
+    def batch_norms(module):
+        return [m for _, m in nnx.iter_modules(module) if isinstance(m, nnx.BatchNorm)]
+
+    result = nnx.clone(model)
+    if not batch_norms(result):
+        return result
+    # A working copy runs the batches: its BatchNorms normalise by the batch
+    # and, with momentum 0, store exactly that batch's statistics after every
+    # call; those are summed here. The result keeps the model's attributes.
+    work = nnx.clone(model)
+    work.set_attributes(deterministic=True, raise_if_not_found=False)
+    for norm in batch_norms(work):
+        norm.use_running_average = False
+        norm.momentum = 0.0
+        # With momentum 0 the old value is multiplied by 0: reset it, or a
+        # non-finite one would make the statistics NaN.
+        norm.mean[...] = jnp.zeros_like(norm.mean[...])
+        norm.var[...] = jnp.ones_like(norm.var[...])
+
+    @nnx.jit
+    def accumulate(work, sums, batch):
+        forward(work, batch)
+        stats = [(norm.mean[...], norm.var[...]) for norm in batch_norms(work)]
+        return jax.tree.map(lambda total, stat: total + stat.astype(total.dtype), sums, stats)
+
+    sums = [(jnp.zeros_like(n.mean[...]), jnp.zeros_like(n.var[...])) for n in batch_norms(work)]
+    count = 0
+    for batch in batches:
+        sums = accumulate(work, sums, batch)
+        count += 1
+    if count == 0:
+        raise ValueError("nnx_update_batch_stats: `batches` is empty")
+    for norm, (mean_sum, var_sum) in zip(batch_norms(result), sums, strict=True):
+        norm.mean[...] = mean_sum / count
+        norm.var[...] = var_sum / count
+    return result
 
 
 def abstract_opt_state(tx: optax.GradientTransformation, params: optax.Params) -> optax.OptState:

@@ -237,6 +237,92 @@ def test_nnx_slow_model_is_pure_and_matches_functional_apply(digits, nnx_run):
     assert not np.allclose(functional_apply(fast, test_x, stats), expected, atol=1e-3)
 
 
+def snapshot(*modules):
+    return [jax.tree.map(np.array, pure(nnx.state(module))) for module in modules]
+
+
+def assert_snapshots_equal(before, after):
+    for b, a in zip(before, after, strict=True):
+        for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(a), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_nnx_update_batch_stats_measures_the_slow_weights(digits, nnx_run):
+    """The statistics of the BatchNorm's input at the slow weights, computed by hand
+    in float64; the trained model, its optimizer and the argument stay as they were."""
+    model, optimizer, _, _, _ = nnx_run
+    slow_model = lo.nnx_slow_model(model, optimizer)
+    before = snapshot(model, optimizer, slow_model)
+    train_x, _ = digits["train"]
+    batches = train_x.reshape(10, 140, 64)  # ten equal batches
+
+    updated = lo.nnx_update_batch_stats(slow_model, batches)
+
+    assert_snapshots_equal(before, snapshot(model, optimizer, slow_model))
+    kernel = np.asarray(slow_model.hidden.kernel[...], np.float64)
+    h = batches.astype(np.float64) @ kernel  # the BatchNorm's input, per batch
+    mean, var = h.mean(axis=(0, 1)), h.var(axis=1).mean(axis=0)
+    np.testing.assert_allclose(updated.norm.mean[...], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(updated.norm.var[...], var, rtol=1e-5, atol=1e-6)
+    # Over all examples, var would add the spread of the batch means: not this.
+    assert not np.allclose(h.reshape(-1, 64).var(axis=0), var, rtol=1e-3)
+    # The fast trajectory's statistics differ; everything else is the slow model's.
+    assert not np.allclose(model.norm.mean[...], mean, rtol=1e-2)
+    assert (updated.norm.momentum, updated.norm.use_running_average) == (0.9, False)
+    assert_snapshots_equal(
+        [pure(nnx.state(slow_model, nnx.Param))], [pure(nnx.state(updated, nnx.Param))]
+    )
+
+
+class NormDropoutNet(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Linear(5, 8, rngs=rngs)
+        self.first_norm = nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.second = nnx.Linear(8, 4, rngs=rngs)
+        self.second_norm = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.first_norm(self.first(x)))
+        return self.second_norm(self.second(self.dropout(h)))
+
+
+def test_nnx_update_batch_stats_two_norms_dropout_and_stale_statistics():
+    """Two BatchNorms (the second one's input normalised by the batch, as in
+    training), dropout switched off, non-finite stale statistics discarded, and
+    (inputs, labels) pairs through ``forward``."""
+    model = NormDropoutNet(nnx.Rngs(0))
+    model.first_norm.mean[...] = jnp.full(8, jnp.nan)
+    model.second_norm.var[...] = jnp.full(4, jnp.inf)
+    xs = np.asarray(jax.random.normal(jax.random.key(1), (6, 16, 5)) * 2.0 + 1.0)
+    batches = [(x, np.zeros(len(x), np.int32)) for x in xs]
+
+    updated = lo.nnx_update_batch_stats(model, batches, forward=lambda m, batch: m(batch[0]))
+
+    def f64(variable):
+        return np.asarray(variable[...], np.float64)
+
+    firsts, seconds = [], []
+    for x in xs.astype(np.float64):
+        h = x @ f64(model.first.kernel) + f64(model.first.bias)
+        firsts.append((h.mean(0), h.var(0)))
+        h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+        h = np.maximum(h * f64(model.first_norm.scale) + f64(model.first_norm.bias), 0.0)
+        h = h @ f64(model.second.kernel) + f64(model.second.bias)  # no dropout
+        seconds.append((h.mean(0), h.var(0)))
+    for norm, stats in [(updated.first_norm, firsts), (updated.second_norm, seconds)]:
+        np.testing.assert_allclose(norm.mean[...], np.mean([m for m, _ in stats], 0), atol=1e-5)
+        np.testing.assert_allclose(norm.var[...], np.mean([v for _, v in stats], 0), rtol=1e-5)
+    assert np.isnan(model.first_norm.mean[...]).all()  # the argument is unchanged
+    assert updated.first_norm.momentum == 0.8 and updated.dropout.deterministic is False
+
+    with pytest.raises(ValueError, match="empty"):
+        lo.nnx_update_batch_stats(model, [])
+    linear = nnx.Linear(2, 1, rngs=nnx.Rngs(0))  # no BatchNorm: a copy, never run
+    copy = lo.nnx_update_batch_stats(linear, [None])
+    assert copy is not linear and np.array_equal(copy.kernel[...], linear.kernel[...])
+
+
 def test_nnx_slow_model_needs_a_lookahead_optimizer():
     model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
