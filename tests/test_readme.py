@@ -1,13 +1,25 @@
-"""README.md: its python snippets run, and the Quickstart is one bash block of two commands.
+"""README.md runs as printed: every ```python block in a fresh namespace, except those the prose
+right before them introduces with "Continues the previous block.", which run after it.
 
-No strict dtype promotion here: the snippets are user code, and optax's Adam is not
-strict-promotion clean.
+The blocks' own asserts are claims about lookahead_optax (slow weights after a sync, the fused
+step equal to two calls, shardings, dtypes, batch statistics, ...), so running them checks the
+library, not just the prose. No strict dtype promotion here: the snippets are user code, and
+optax's Adam is not strict-promotion clean.
 """
 
+import ast
+import builtins
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+CONTINUES = "Continues the previous block."
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def fenced_blocks(text, language):
@@ -16,26 +28,126 @@ def fenced_blocks(text, language):
     return [(text.count("\n", 0, m.start()) + 1, m.group(1)) for m in pattern.finditer(text)]
 
 
-def section(text, title):
-    """The text of the '## title' section, up to the next '## ' heading."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README.md has no '## {title}' section"
-    return match.group(1)
+def python_chains(text):
+    """The ```python blocks grouped into chains: a block starts a new chain unless the
+    paragraph right before it says CONTINUES. Each chain is a list of (line number, code,
+    continues)."""
+    chains, previous_end, previous_language = [], 0, None
+    for match in FENCE.finditer(text):
+        language, code = match.group(1), match.group(2)
+        paragraph = text[previous_end : match.start()].strip().split("\n\n")[-1]
+        continues = CONTINUES in " ".join(paragraph.split())  # in the paragraph right before
+        if continues:
+            assert language == "python" and previous_language == "python", (
+                f"README.md line {text.count(chr(10), 0, match.start()) + 1}: '{CONTINUES}' "
+                "must sit between two ```python blocks"
+            )
+        if language == "python":
+            line = text.count("\n", 0, match.start()) + 1
+            if continues:
+                chains[-1].append((line, code, True))
+            else:
+                chains.append([(line, code, False)])
+        previous_end, previous_language = match.end(), language
+    return chains
 
 
-def test_python_snippets_run_in_order_in_one_namespace():
-    blocks = fenced_blocks(README.read_text(), "python")
-    assert blocks, "README.md has no ```python blocks"
-    namespace = {"__name__": "readme"}
-    for line, code in blocks:
+CHAINS = python_chains(README.read_text())
+
+
+def run_chain(chain, namespace=None):
+    """Executes the blocks of a chain in order in one namespace, a fresh one by default."""
+    namespace = {"__name__": "__main__"} if namespace is None else namespace
+    for line, code, _ in chain:
         try:
             exec(compile(code, f"README.md:{line}", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"the ```python block at README.md line {line} failed") from error
+    return namespace
+
+
+def free_names(code):
+    """Names a block reads but neither binds, imports nor gets from builtins."""
+    tree = ast.parse(code)
+    bound, loaded = set(dir(builtins)), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return loaded - bound
+
+
+def test_readme_states_the_convention_and_uses_it():
+    text = README.read_text()
+    assert CONTINUES in " ".join(text[: text.index("## Quickstart")].split())
+    assert len(CHAINS) >= 8, "README.md lost its standalone examples"
+    assert any(len(chain) > 1 for chain in CHAINS)
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=[f"README.md:{chain[0][0]}" for chain in CHAINS])
+def test_python_blocks_run_as_printed(chain):
+    """A standalone block runs in a fresh namespace (so it imports and sets up all it uses),
+    and every block that says it continues the previous one runs after it."""
+    for line, code, continues in chain:
+        if continues:  # the marker is there because the block needs earlier names
+            assert free_names(code), f"README.md line {line}: marked but needs nothing earlier"
+    assert any("assert " in code for _, code, _ in chain), (
+        f"the example at README.md line {chain[0][0]} checks nothing"
+    )
+    run_chain(chain)
+
+
+def test_alpha_assignment_shown_does_not_retrace_and_the_weak_one_does():
+    """The inject_hyperparams block's assignment keeps a jitted step's cache at one entry;
+    the weakly typed jnp.asarray(0.8) the README warns about adds exactly one."""
+    chain = next(c for c in CHAINS if any('hyperparams["alpha"] =' in code for _, code, _ in c))
+    index = next(i for i, (_, code, _) in enumerate(chain) if 'hyperparams["alpha"] =' in code)
+    namespace = run_chain(chain[: index + 1])  # the README's own blocks, up to that one
+    tx, params, shown = namespace["tx"], namespace["params"], namespace["opt_state"]
+    assert float(shown.hyperparams["alpha"]) == pytest.approx(0.8)
+
+    traces = []
+
+    @jax.jit
+    def step(params, opt_state):
+        traces.append(None)
+        updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params_out, state_out = step(params, tx.init(params))
+    step(params_out, state_out)
+    assert len(traces) == 1
+    step(params, shown)  # the assignment the README shows
+    assert len(traces) == 1, "the README's alpha assignment retraced the jitted step"
+
+    weak = tx.init(params)
+    weak.hyperparams["alpha"] = jnp.asarray(0.8)
+    assert weak.hyperparams["alpha"].weak_type
+    params_out, state_out = step(params, weak)
+    assert len(traces) == 2, "a weakly typed alpha no longer retraces: update the README"
+    step(params_out, state_out)  # the step's output state is strongly typed again
+    assert len(traces) == 2
+
+
+def test_no_pointers_to_files_a_user_does_not_have():
+    text = README.read_text()
+    for name in ("PAPER.md", "ANCHORS.md", "OUTER.md", "STYLE.md", "ACCELERATORS.md", "../shared"):
+        assert name not in text
+    links = re.findall(r"\]\((?!https?:)([^)]+)\)", text)
+    paths = re.findall(r"\b(?:benchmarks|lookahead_optax|notebooks|tests)/[\w/-]+\.\w+", text)
+    assert links and paths
+    for path in links + paths:
+        assert (README.parent / path).exists(), f"README.md points to missing {path}"
 
 
 def test_quickstart_is_one_bash_block_of_two_commands():
-    quickstart = section(README.read_text(), "Quickstart")
+    text = README.read_text()
+    quickstart = re.search(r"^## Quickstart\n(.*?)(?=^## )", text, re.M | re.S).group(1)
     blocks = fenced_blocks(quickstart, "bash")
     assert len(blocks) == 1, f"Quickstart must have exactly one ```bash block, has {len(blocks)}"
     assert "```" not in re.sub(r"^```bash\n.*?^```", "", quickstart, flags=re.M | re.S)
@@ -52,6 +164,7 @@ def test_quickstart_is_one_bash_block_of_two_commands():
 def test_no_placeholders_left_in_the_core_sections():
     text = README.read_text()
     for title in ("Usage", "Semantics", "Compared with optax.lookahead"):
-        body = section(text, title)
-        assert "<!--" not in body
-        assert len(body.split()) > 30
+        match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+        assert match, f"README.md has no '## {title}' section"
+        assert "<!--" not in match.group(1)
+        assert len(match.group(1).split()) > 30
