@@ -2,9 +2,11 @@
 
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
 from lookahead_optax._flax import abstract_opt_state, nnx_slow_model, nnx_update_batch_stats
-from lookahead_optax._fused import update_and_apply
-from lookahead_optax._lookahead import LookaheadState, lookahead
+from lookahead_optax._compose import check_composition
+from lookahead_optax._fused import fused_path_taken, update_and_apply
+from lookahead_optax._lookahead import lookahead
 from lookahead_optax._slow import slow_params
+from lookahead_optax._state import LookaheadState
 
 __version__ = "0.2.0"
 
@@ -13,6 +15,8 @@ __all__ = [
     "lookahead",
     "slow_params",
     "update_and_apply",
+    "fused_path_taken",
+    "check_composition",
     "nnx_slow_model",
     "nnx_update_batch_stats",
     "abstract_opt_state",

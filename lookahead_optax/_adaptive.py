@@ -22,11 +22,13 @@ no extra gradient evaluation.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array
 
@@ -55,7 +57,9 @@ def _is_masked(x: Any) -> bool:
 
 def _wide(x: Array) -> Array:
     """At least float32: the sums below must not be done in bf16."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    with jax.numpy_dtype_promotion("standard"):  # picks the dtype only; the cast is explicit
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+    return x.astype(wide)
 
 
 def _adam_moments(inner_state: optax.OptState) -> list[Any]:
@@ -272,7 +276,11 @@ def adaptive_alpha(
       >>> print(f"{opt_state.adaptive.alpha:.4f}")
       0.5897
     """
-    if not isinstance(alpha_min, (int, float)) or not 0.0 < alpha_min <= 1.0:
+    if (
+        not isinstance(alpha_min, numbers.Real)
+        or isinstance(alpha_min, (bool, np.bool_))
+        or not 0.0 < alpha_min <= 1.0
+    ):
         raise ValueError(f"alpha_min must be a float in (0, 1], got {alpha_min!r}")
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")

@@ -7,14 +7,17 @@ import sys
 import jax
 import optax
 
-from lookahead_optax._lookahead import LookaheadState
+import numpy as np
+
+from lookahead_optax._checks import is_inexact
+from lookahead_optax._state import LookaheadState
 
 
 def _is_state(x) -> bool:
     return isinstance(x, LookaheadState)
 
 
-def _find_states(opt_state: optax.OptState) -> list[LookaheadState]:
+def find_states(opt_state: optax.OptState) -> list[LookaheadState]:
     """The outermost LookaheadStates in ``opt_state``, in tree order."""
     leaves = jax.tree.leaves(opt_state, is_leaf=_is_state)
     return [leaf for leaf in leaves if _is_state(leaf)]
@@ -64,7 +67,7 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
       >>> lo.slow_params(opt_state, params)["w"]
       Array([1., 1., 1.], dtype=float32)
     """
-    states = _find_states(opt_state)
+    states = find_states(opt_state)
     if not states:
         raise ValueError(
             "slow_params found no LookaheadState in opt_state: pass the state of a "
@@ -81,6 +84,15 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
             return current
         if isinstance(slow, variable):
             slow = slow.get_value()
+        value = current.get_value() if isinstance(current, variable) else current
+        if np.shape(value) != np.shape(slow):
+            raise ValueError(
+                "params must have the leaf shapes of the params the state was initialised "
+                f"with: got a leaf of shape {np.shape(value)} where the slow weights have "
+                f"{np.shape(slow)}"
+            )
+        if not is_inexact(value):
+            return current  # not synced: the params are the answer (int, bool, keys)
         if isinstance(current, variable):
             # Keep the params' Variable type (nnx.Param) and metadata.
             return current.replace(slow)
@@ -88,5 +100,13 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
 
     result = params
     for state in states:
-        result = jax.tree.map(pick, state.slow, result, is_leaf=is_leaf)
+        try:
+            result = jax.tree.map(pick, state.slow, result, is_leaf=is_leaf)
+        except ValueError as error:
+            if "leaf shapes" in str(error):
+                raise
+            raise ValueError(
+                "params must have the structure of the params the state was initialised with: "
+                f"{error}"
+            ) from error
     return result

@@ -1,0 +1,164 @@
+"""Argument checks: each mistake gets an error that names the argument and what is allowed."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lookahead_optax._adaptive import AdaptiveAlpha
+from lookahead_optax._state import LookaheadState
+
+INNER_STATE_POLICIES = ("keep", "reset", "pullback")
+MAX_K = 2**31 - 1  # the counters are int32
+
+
+def is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def is_inexact(x: Any) -> bool:
+    """Floating or complex: the leaves Lookahead interpolates (Python floats included)."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (float, complex)):
+        return True
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def check_inner(inner: Any, name: str = "inner") -> None:
+    if isinstance(inner, optax.GradientTransformation):
+        return
+    if callable(inner) and not hasattr(inner, "update"):
+        hint = f": call it, e.g. {getattr(inner, '__name__', 'it')}(1e-3)"
+    else:
+        hint = ""
+    raise TypeError(
+        f"{name} must be an optax GradientTransformation (e.g. optax.adam(1e-3)), "
+        f"got {inner!r}{hint}"
+    )
+
+
+def check_k(k: Any) -> None:
+    if is_traced(k):
+        if not jnp.issubdtype(k.dtype, jnp.integer) or k.ndim != 0:
+            raise ValueError(f"k must be a positive int, got a traced {k.dtype}{list(k.shape)}")
+        return
+    is_int_array = (
+        isinstance(k, (np.ndarray, jax.Array, np.integer))
+        and np.ndim(k) == 0
+        and jnp.issubdtype(np.asarray(k).dtype, jnp.integer)
+    )
+    is_int = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
+    if not (is_int or is_int_array) or not 1 <= int(k) <= MAX_K:
+        raise ValueError(f"k must be a positive int (1, 2, ..., 2**31 - 1), got {k!r}")
+
+
+def _is_real_scalar(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    return (
+        isinstance(value, (np.ndarray, jax.Array, np.generic))
+        and np.ndim(value) == 0
+        and np.asarray(value).dtype.kind in "fiu"
+    )
+
+
+def check_alpha(alpha: Any) -> None:
+    """A number in (0, 1], a schedule of the sync index into (0, 1], or adaptive_alpha."""
+    if isinstance(alpha, AdaptiveAlpha) or is_traced(alpha):
+        return
+    allowed = (
+        "alpha must be a float in (0, 1], a schedule (a callable of the sync index j = 0, 1, "
+        "... returning a float in (0, 1]) or lookahead_optax.adaptive_alpha(...)"
+    )
+    if callable(alpha):
+        # A schedule is cheap to evaluate: check its first two values now rather than
+        # failing (or silently overshooting) at the first sync.
+        for j in (0, 1):
+            try:
+                value = alpha(jnp.asarray(j, jnp.int32))
+            except Exception as error:  # noqa: BLE001: any failure means "not a schedule"
+                raise ValueError(f"{allowed}; alpha({j}) raised {error!r}") from error
+            if is_traced(value):
+                return
+            if not _is_real_scalar(value) or not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"{allowed}; alpha({j}) returned {value!r}")
+        return
+    if not _is_real_scalar(alpha) or not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"{allowed}, got {alpha!r}")
+
+
+def check_inner_state_policy(policy: Any) -> None:
+    if policy not in INNER_STATE_POLICIES:
+        raise ValueError(f"inner_state must be one of {INNER_STATE_POLICIES}, got {policy!r}")
+
+
+def check_slow_dtype(slow_dtype: Any) -> None:
+    if slow_dtype is None:
+        return
+    if isinstance(slow_dtype, (jax.Array, np.ndarray, np.generic)) or is_traced(slow_dtype):
+        raise ValueError(
+            f"slow_dtype must be a floating dtype (e.g. jnp.float32) or None, got the array "
+            f"{slow_dtype!r}; under optax.inject_hyperparams pass "
+            "static_args=('slow_dtype',) (a dtype is callable, so inject_hyperparams "
+            "otherwise treats it as a schedule)"
+        )
+    try:
+        floating = jnp.issubdtype(slow_dtype, jnp.inexact)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(
+            f"slow_dtype must be a floating dtype (e.g. jnp.float32) or None, got {slow_dtype!r}"
+        )
+
+
+def check_state(state: Any) -> None:
+    if not isinstance(state, LookaheadState):
+        raise ValueError(
+            "opt_state must be the LookaheadState that this lookahead's init returned, got "
+            f"{type(state).__name__}: pass the state of the same transformation"
+        )
+
+
+def _shapes(tree: Any) -> list[tuple]:
+    return [np.shape(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def check_trees(updates: Any, params: Any, slow: Any) -> None:
+    """params and grads must have the structure and leaf shapes the state was made for."""
+    if params is None:
+        raise ValueError("lookahead's update needs params: call tx.update(grads, opt_state, params)")
+    expected = jax.tree.structure(slow, is_leaf=is_masked)
+    for name, tree in (("params", params), ("grads (updates)", updates)):
+        structure = jax.tree.structure(tree, is_leaf=is_masked)
+        if structure != expected:
+            raise ValueError(
+                f"{name} must have the structure the state was initialised with: "
+                f"expected {expected}, got {structure}"
+            )
+        mismatched = [
+            (jax.tree_util.keystr(path), np.shape(leaf), np.shape(ref))
+            for (path, leaf), ref in zip(
+                jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(slow)
+            )
+            if np.shape(leaf) != np.shape(ref)
+        ]
+        if mismatched:
+            path, got, want = mismatched[0]
+            raise ValueError(
+                f"{name} must have the leaf shapes the state was initialised with: "
+                f"{name}{path} has shape {got}, expected {want} "
+                f"({len(mismatched)} leaf/leaves differ)"
+            )
