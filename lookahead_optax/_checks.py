@@ -70,7 +70,10 @@ def _is_real_scalar(value: Any) -> bool:
     return (
         isinstance(value, (np.ndarray, jax.Array, np.generic))
         and np.ndim(value) == 0
-        and np.asarray(value).dtype.kind in "fiu"
+        and (
+            jnp.issubdtype(np.asarray(value).dtype, jnp.floating)
+            or jnp.issubdtype(np.asarray(value).dtype, jnp.integer)
+        )
     )
 
 

@@ -247,6 +247,7 @@ def lookahead(
         def slow_step(u, p, slow):  # Algorithm 1: phi <- phi + alpha (theta_k - phi)
             if not _checks.is_inexact(slow):
                 return slow
+            u = jnp.asarray(u)  # Python-float updates of Python-float params
             fast = p.astype(slow.dtype) + u.astype(slow.dtype)
             return slow + step_alpha.astype(slow.dtype) * (fast - slow)
 
@@ -273,6 +274,7 @@ def lookahead(
         def new_update(slow, p, u):  # moves p onto the new slow weights at a sync (note 2)
             if not _checks.is_inexact(p):
                 return u
+            u = jnp.asarray(u)
             out_dtype = _promote(u.dtype, p.dtype)  # f32 params, bf16 grads: f32 updates
             if not traced and not sync:
                 return u.astype(out_dtype)
