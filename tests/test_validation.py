@@ -12,8 +12,8 @@ import pytest
 import lookahead_optax as lo
 
 PARAMS = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
-K_MESSAGE = re.escape("k must be a positive int (1, 2, 3, ...)")
-ALPHA_MESSAGE = re.escape("alpha must be a float in (0, 1] or a schedule")
+K_MESSAGE = re.escape("k must be a positive int (1, 2, ..., 2**31 - 1)")
+ALPHA_MESSAGE = re.escape("alpha must be a float in (0, 1], a schedule")
 
 
 @pytest.fixture(autouse=True, scope="module")
