@@ -34,17 +34,30 @@ def is_inexact(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def check_inner(inner: Any, name: str = "inner") -> None:
+def check_inner(inner: Any, name: str = "inner", example: str = "optax.adam(1e-3)") -> None:
     if isinstance(inner, optax.GradientTransformation):
         return
     if callable(inner) and not hasattr(inner, "update"):
-        hint = f": call it, e.g. {getattr(inner, '__name__', 'it')}(1e-3)"
+        hint = f": call it, e.g. {getattr(inner, '__name__', 'it')}(...)"
     else:
         hint = ""
     raise TypeError(
-        f"{name} must be an optax GradientTransformation (e.g. optax.adam(1e-3)), "
-        f"got {inner!r}{hint}"
+        f"{name} must be an optax GradientTransformation (e.g. {example}), got {inner!r}{hint}"
     )
+
+
+def check_outer(outer: Any, alpha: Any, policy: str) -> None:
+    check_inner(outer, "outer", "optax.sgd(0.7, momentum=0.9, nesterov=True)")
+    if alpha is not None:
+        raise ValueError(
+            "outer replaces alpha (alpha=a is outer=optax.sgd(a)): pass one of them, got "
+            f"outer={outer!r} and alpha={alpha!r}"
+        )
+    if policy == "pullback":
+        raise ValueError(
+            'inner_state="pullback" interpolates the inner state with alpha, which an outer '
+            'optimizer does not have: with outer=..., use inner_state="keep" or "reset"'
+        )
 
 
 def check_k(k: Any) -> None:

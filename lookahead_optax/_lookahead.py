@@ -80,6 +80,11 @@ def _slow_dtype_for(leaf: Any, slow_dtype: Any) -> Any:
     return slow_dtype
 
 
+def _floats_only(tree: Any) -> Any:
+    """The floating leaves of ``tree``; the others become ``optax.MaskedNode`` (not synced)."""
+    return jax.tree.map(lambda x: x if _checks.is_inexact(x) else optax.MaskedNode(), tree)
+
+
 def _has_effects(fn: Callable[[], Any]) -> bool:
     return bool(jax.make_jaxpr(fn)().effects)
 
@@ -87,8 +92,9 @@ def _has_effects(fn: Callable[[], Any]) -> bool:
 def lookahead(
     inner: optax.GradientTransformation,
     k: int | Array = 5,
-    alpha: AlphaLike = 0.5,
+    alpha: AlphaLike | None = None,
     *,
+    outer: optax.GradientTransformation | None = None,
     inner_state: InnerStatePolicy = "keep",
     slow_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -128,11 +134,24 @@ def lookahead(
       k: Sync period, an int in [1, 2**31 - 1] (or a traced integer scalar,
         e.g. under ``optax.inject_hyperparams``). A changed ``k`` takes effect
         from the next cycle (see ``LookaheadState.period``).
-      alpha: Slow step size in (0, 1], a scalar array, or a schedule: a
-        callable of the sync index j = 0, 1, 2, ... (the j-th sync uses
-        ``alpha(j)``), or :func:`lookahead_optax.adaptive_alpha` (the paper's
-        line search on a diagonal quadratic model). ``alpha=1`` recovers the
-        inner optimizer.
+      alpha: Slow step size in (0, 1] (default 0.5), a scalar array, or a
+        schedule: a callable of the sync index j = 0, 1, 2, ... (the j-th sync
+        uses ``alpha(j)``), or :func:`lookahead_optax.adaptive_alpha` (the
+        paper's line search on a diagonal quadratic model). ``alpha=1``
+        recovers the inner optimizer. ``alpha=a`` is ``outer=optax.sgd(a)``,
+        bit for bit.
+      outer: An optax transformation for the slow step, instead of ``alpha``.
+        At each sync it is applied to the pseudo-gradient
+        :math:`\Delta = \phi - \theta_k` with the slow weights as params,
+        ``u, outer_state = outer.update(Delta, outer_state, phi)``, and
+        :math:`\phi \leftarrow \phi + u`. Its state lives in
+        ``LookaheadState.outer_state`` (initialised on the slow weights, so in
+        ``slow_dtype``) and changes on sync calls only; a schedule inside it
+        counts syncs. ``optax.sgd(lr, momentum=mu, nesterov=True)`` is SNOO's
+        and DiLoCo's outer step: it computes ``b <- mu b + Delta;
+        phi <- phi - lr (Delta + mu b)``, what ``torch.optim.SGD(nesterov=True,
+        dampening=0)`` computes with Delta as the gradient (DiLoCo: lr 0.7,
+        mu 0.9). Any chain works (Adam, clipping of Delta, schedules).
       inner_state: What happens to the inner state at a sync; it acts on the
         leaves of the inner state shaped like the params (moments, momentum
         traces: those ``optax.tree_map_params`` maps). ``"keep"`` (default)
@@ -156,9 +175,10 @@ def lookahead(
       :class:`LookaheadState`.
 
     Raises:
-      TypeError: if ``inner`` is not a GradientTransformation.
+      TypeError: if ``inner`` or ``outer`` is not a GradientTransformation.
       ValueError: if ``k``, ``alpha``, ``inner_state`` or ``slow_dtype`` is
-        not one of the allowed values (the message says which are).
+        not one of the allowed values (the message says which are), or
+        ``outer`` is given with ``alpha`` or with ``inner_state="pullback"``.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -175,15 +195,37 @@ def lookahead(
       >>> lo.slow_params(opt_state, params)["w"]
       Array([ 0.905, -1.81 ], dtype=float32)
 
+      A Nesterov outer step (SNOO): the sync moves the slow weights by
+      ``-0.7 (Delta + 0.9 Delta)`` the first time, as the momentum starts at 0.
+
+      >>> tx = lo.lookahead(optax.sgd(0.1), k=2, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> opt_state = tx.init(params)
+      >>> for _ in range(2):
+      ...     updates, opt_state = tx.update(params, opt_state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params["w"]  # Delta = 0.19 w0; phi = w0 - 0.7 * 1.9 * 0.19 w0 = 0.7473 w0
+      Array([ 0.7473, -1.4946], dtype=float32)
+
     References:
       Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step
       back <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019.
+
+      Kallusky et al., `SNOO: Step-K Nesterov Outer Optimizer
+      <https://arxiv.org/abs/2510.15830>`_, 2025. Douillard et al., `DiLoCo:
+      Distributed Low-Communication Training of Language Models
+      <https://arxiv.org/abs/2311.08105>`_, 2023.
     """
     _checks.check_inner(inner)
     _checks.check_k(k)
-    _checks.check_alpha(alpha)
     _checks.check_inner_state_policy(inner_state)
     _checks.check_slow_dtype(slow_dtype)
+    if outer is None:
+        alpha = 0.5 if alpha is None else alpha
+        _checks.check_alpha(alpha)
+    else:
+        _checks.check_outer(outer, alpha, inner_state)
+        outer = optax.with_extra_args_support(outer)
     policy = inner_state
     inner = optax.with_extra_args_support(inner)
 
@@ -195,11 +237,12 @@ def lookahead(
             return jnp.array(p, dtype=dtype, copy=True)
 
         inner_init = inner.init(params)
+        slow = jax.tree.map(copy, params)
         if policy != "keep":
             _policies.params_mask(inner, inner_init, policy)  # fails now, not at the first sync
         return LookaheadState(
             inner_state=inner_init,
-            slow=jax.tree.map(copy, params),
+            slow=slow,
             count=jnp.zeros([], jnp.int32),
             syncs=jnp.zeros([], jnp.int32),
             period=jnp.asarray(k, jnp.int32),
@@ -210,6 +253,7 @@ def lookahead(
                 else None
             ),
             adaptive=(alpha.init(params, inner_init) if isinstance(alpha, AdaptiveAlpha) else None),
+            outer_state=None if outer is None else outer.init(_floats_only(slow)),
         )
 
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
@@ -240,35 +284,53 @@ def lookahead(
                 jnp.asarray(sync), updates, *inner_result[:1], params, state.slow,
                 inner_result[1], state.adaptive,
             )  # fmt: skip
-        else:
+        elif outer is None:
             step_alpha = alpha(state.syncs) if callable(alpha) else alpha
-        step_alpha = jnp.asarray(step_alpha)
+        step_alpha = None if outer is not None else jnp.asarray(step_alpha)
 
-        def slow_step(u, p, slow):  # Algorithm 1: phi <- phi + alpha (theta_k - phi)
+        def fast_weights(u, p, slow):  # theta_k = params + the inner update, in the slow dtype
             if not _checks.is_inexact(slow):
                 return slow
             u = jnp.asarray(u)  # Python-float updates of Python-float params
-            fast = p.astype(slow.dtype) + u.astype(slow.dtype)
-            return slow + step_alpha.astype(slow.dtype) * (fast - slow)
+            return p.astype(slow.dtype) + u.astype(slow.dtype)
 
-        def new_slow_weights(inner_updates):
-            return jax.tree.map(slow_step, inner_updates, params, state.slow)
+        def slow_step(inner_updates, outer_state):
+            fast = jax.tree.map(fast_weights, inner_updates, params, state.slow)
+            if outer is None:  # Algorithm 1: phi <- phi + alpha (theta_k - phi)
+                return jax.tree.map(
+                    lambda s, f: s + step_alpha.astype(s.dtype) * (f - s) if _checks.is_inexact(s) else s,
+                    state.slow, fast,
+                ), outer_state  # fmt: skip
+            # The outer optimizer's step on the pseudo-gradient Delta = phi - theta_k:
+            # u, outer_state <- outer.update(Delta, outer_state, phi); phi <- phi + u.
+            slow = _floats_only(state.slow)
+            delta = jax.tree.map(lambda s, f: s - f, slow, _floats_only(fast))
+            outer_updates, outer_state = outer.update(delta, outer_state, slow)
+            moved = jax.tree.map(lambda s, u: s + u.astype(s.dtype), slow, outer_updates)
+            merged = jax.tree.map(lambda s, m: s if _checks.is_masked(m) else m, state.slow, moved)
+            return merged, _policies.match_types(outer_state, state.outer_state)
 
         if not traced:  # note 5
             inner_updates, new_inner_state = inner_result or inner_step()
-            new_slow = new_slow_weights(inner_updates) if sync else state.slow
+            new_slow, new_outer_state = (
+                slow_step(inner_updates, state.outer_state)
+                if sync
+                else (state.slow, state.outer_state)
+            )
         elif inner_result is None and not _has_effects(inner_step):  # notes 1 and 3
-            new_slow, gate = jax.lax.cond(
+            new_slow, new_outer_state, gate = jax.lax.cond(
                 sync,
-                lambda: (new_slow_weights(inner_step()[0]), jnp.array(True)),
-                lambda: (state.slow, jnp.array(True)),
+                lambda: (*slow_step(inner_step()[0], state.outer_state), jnp.array(True)),
+                lambda: (state.slow, state.outer_state, jnp.array(True)),
             )
             gated_state = jax.tree.map(lambda s: _gated(s, gate), state.inner_state)
             inner_updates, new_inner_state = inner_step(gated_state)
         else:  # note 4
             inner_updates, new_inner_state = inner_result or inner_step()
-            new_slow = jax.lax.cond(
-                sync, lambda: new_slow_weights(inner_updates), lambda: state.slow
+            new_slow, new_outer_state = jax.lax.cond(
+                sync,
+                lambda: slow_step(inner_updates, state.outer_state),
+                lambda: (state.slow, state.outer_state),
             )
 
         def new_update(slow, p, u):  # moves p onto the new slow weights at a sync (note 2)
@@ -294,6 +356,7 @@ def lookahead(
             period=jnp.where(sync, jnp.asarray(k).astype(jnp.int32), state.period),
             cycle_start=cycle_start,
             adaptive=adaptive,
+            outer_state=new_outer_state,
         )
         return new_updates, new_state
 

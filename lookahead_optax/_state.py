@@ -36,6 +36,9 @@ class LookaheadState(NamedTuple):
         start of the current cycle; ``None`` otherwise.
       adaptive: With ``alpha=adaptive_alpha(...)``, its ``AdaptiveAlphaState``;
         ``None`` otherwise.
+      outer_state: With ``outer=...``, the outer optimizer's state (initialised
+        on the slow weights, so in their dtype); updated on sync calls only.
+        ``None`` with ``alpha``.
     """
 
     inner_state: optax.OptState
@@ -45,6 +48,7 @@ class LookaheadState(NamedTuple):
     period: Array
     cycle_start: optax.OptState = None
     adaptive: AdaptiveAlphaState | None = None
+    outer_state: optax.OptState = None
 
 
 class SyncHint:
