@@ -163,3 +163,43 @@ class LogisticQuadratic:
         target = jnp.asarray(self.target, dtype)
         quadratic = 0.5 * jnp.sum(curvature * (params["head"]["q"] - target) ** 2)
         return logistic + quadratic
+
+
+# --- the outer step (SNOO, DiLoCo): an optimizer on the pseudo-gradient ----------------------
+
+
+class NesterovSGD:
+    """torch.optim.SGD(nesterov=True, dampening=0) on a gradient d: b <- mu b + d; x -= lr (d + mu b)."""
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+
+    def init(self, params: Leaves):
+        return [np.zeros_like(p) for p in params]
+
+    def step(self, grads: Leaves, state, params: Leaves):
+        buffers = [self.momentum * b + d for b, d in zip(state, grads)]
+        return [-self.lr * (d + self.momentum * b) for d, b in zip(grads, buffers)], buffers
+
+
+def outer_trajectory(params0, grad_fn, inner, k: int, outer, num_steps: int):
+    """Algorithm 1 with the slow step phi <- phi + outer(Delta), Delta = phi - theta_k.
+
+    Returns ``(fast, slow)`` after every inner step, as ``lookahead_trajectory``.
+    The inner state is kept across syncs; ``outer``'s state changes at syncs only.
+    """
+    slow = _as_f64(params0)
+    inner_state, outer_state = inner.init(slow), outer.init(slow)
+    fast = [s.copy() for s in slow]
+    fast_history, slow_history = [], []
+    for step in range(1, num_steps + 1):
+        updates, inner_state = inner.step(grad_fn(fast), inner_state, fast)
+        fast = [p + u for p, u in zip(fast, updates)]
+        if step % k == 0:
+            delta = [s - f for s, f in zip(slow, fast)]
+            outer_updates, outer_state = outer.step(delta, outer_state, slow)
+            slow = [s + u for s, u in zip(slow, outer_updates)]
+            fast = [s.copy() for s in slow]
+        fast_history.append([f.copy() for f in fast])
+        slow_history.append([s.copy() for s in slow])
+    return fast_history, slow_history
