@@ -252,7 +252,8 @@ def test_default_state_is_unchanged():
     state = lo.lookahead(optax.adam(1e-3)).init(params)
     assert state.adaptive is None
     inner_leaves = len(jax.tree.leaves(optax.adam(1e-3).init(params)))
-    assert len(jax.tree.leaves(state)) == inner_leaves + 1 + 2  # + slow + count, syncs
+    # + slow + count, syncs, period (new in 0.3.0)
+    assert len(jax.tree.leaves(state)) == inner_leaves + 1 + 3
     ema = lo.lookahead(optax.adam(1e-3), alpha=lo.adaptive_alpha()).init(params)
     assert ema.adaptive.grad_sq["w"].shape == (3,)  # "ema": one params-sized buffer
     adam = lo.lookahead(optax.adam(1e-3), alpha=lo.adaptive_alpha(curvature="adam")).init(params)

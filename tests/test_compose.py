@@ -274,7 +274,13 @@ def test_alpha_is_live_under_jit():
 
 def test_traced_k_is_live_under_jit():
     tx = optax.inject_hyperparams(lo.lookahead)(optax.sgd(0.2), k=5, alpha=0.5)
-    history, state = run(tx, 7, state_edit=_set_hyperparam("k", 2, jnp.int32))
+    # A new k takes effect from the next cycle; the cycle under way has length state.period,
+    # set here too so that every cycle has k = 2 (test_hardening checks the next-cycle rule).
+    def edit(state):
+        state = _set_hyperparam("k", 2, jnp.int32)(state)
+        return state._replace(inner_state=state.inner_state._replace(period=jnp.asarray(2)))
+
+    history, state = run(tx, 7, state_edit=edit)
     assert_matches(history, *reference_lookahead(ref.SGD(0.2), 2, 0.5, 7))
     assert int(state.inner_state.syncs) == 3
 
