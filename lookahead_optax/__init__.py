@@ -8,7 +8,7 @@ from lookahead_optax._lookahead import lookahead
 from lookahead_optax._slow import slow_params
 from lookahead_optax._state import LookaheadState
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "LookaheadState",
