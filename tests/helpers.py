@@ -1,6 +1,8 @@
 """Helpers shared by the core test modules (the reference itself lives in reference.py)."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -43,3 +45,28 @@ def adam(learning_rate, **kwargs) -> optax.GradientTransformationExtraArgs:
 def multi_steps(inner, every_k_schedule) -> optax.GradientTransformationExtraArgs:
     """optax.MultiSteps under standard promotion, ``inner`` still under strict."""
     return standard_promotion(optax.MultiSteps(strict_promotion(inner), every_k_schedule))
+
+
+class JaxInner:
+    """A jax inner optimizer as an inner optimizer of tests/reference.py (lists of leaves).
+
+    Only for tests about the Lookahead wrapping (its sync, its inner-state policies,
+    what reaches the inner optimizer), never about the inner optimizer itself: the
+    reference then runs the same inner step as the library, in ``dtype``, and the
+    reference's Algorithm 1 around it. ``update(grads, state, params)`` defaults to
+    ``tx.update``; give it to pass extra arguments.
+    """
+
+    def __init__(self, tx, treedef, update=None, dtype=jnp.float32):
+        self.tx, self.treedef, self.dtype = tx, treedef, dtype
+        self._update = jax.jit(update or tx.update)
+
+    def tree(self, leaves):
+        return jax.tree.unflatten(self.treedef, [jnp.asarray(x, self.dtype) for x in leaves])
+
+    def init(self, params):
+        return self.tx.init(self.tree(params))
+
+    def step(self, grads, state, params):
+        updates, state = self._update(self.tree(grads), state, self.tree(params))
+        return [np.asarray(u, np.float64) for u in jax.tree.leaves(updates)], state

@@ -5,22 +5,43 @@ textbook formulas. It must never import lookahead_optax or optax: the tests
 compare the library against it, so sharing code would hide bugs. jax appears
 only in the test problem's loss, which the library side differentiates.
 
-Params are lists of numpy arrays (the leaves of a pytree, in tree order).
+Params are lists of numpy arrays (the leaves of a pytree, in tree order). An
+optimizer here is any object with ``init(params) -> state`` and
+``step(grads, state, params) -> (updates, state)``: the textbook inner
+optimizers below, :class:`Lookahead` itself (so it nests), :class:`Partition`,
+or an adapter around some other inner step written as a plain function.
+
+:class:`Lookahead` is the only place in tests/ where Algorithm 1 is written
+out; :func:`run` drives any optimizer here step by step, and every test that
+needs Lookahead's trajectory builds it from these two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 Leaves = list[np.ndarray]
+Path = tuple  # keys, indices and field names from the root of a state to one leaf
 
 
 def _as_f64(leaves) -> Leaves:
     return [np.array(leaf, dtype=np.float64) for leaf in leaves]
+
+
+def rounded(x, dtype):
+    """``x`` rounded to ``dtype`` (e.g. bfloat16) and back to float64; unchanged for None."""
+    if dtype is None:
+        return x
+    return np.asarray(np.asarray(x, np.float64).astype(dtype), np.float64)
+
+
+# --- the inner optimizers, from their textbook formulas -------------------------------------
 
 
 class SGD:
@@ -51,17 +72,24 @@ class Momentum:
 
 
 class Adam:
-    """Kingma & Ba (2015) with bias correction, eps outside the square root."""
+    """Kingma & Ba (2015) with bias correction, eps outside the square root.
 
-    def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    State ``(t, mu, nu)``. With ``lr`` a callable, the step size of the n-th step
+    (n = 0, 1, ...) is ``lr(n)`` and the state gains a fourth entry, the schedule's
+    own step count n, which is not the bias-correction count t (the two differ once
+    an inner-state policy re-initialises the moments but keeps the schedule going).
+    """
+
+    def __init__(self, lr, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
 
     def init(self, params: Leaves):
         zeros = [np.zeros_like(p) for p in params]
-        return (0, zeros, list(zeros))
+        return (0, zeros, list(zeros)) + ((0,) if callable(self.lr) else ())
 
     def step(self, grads: Leaves, state, params: Leaves):
-        t, mu, nu = state
+        t, mu, nu = state[:3]
+        lr = float(self.lr(state[3])) if callable(self.lr) else self.lr
         t += 1
         mu = [self.b1 * m + (1 - self.b1) * g for m, g in zip(mu, grads)]
         nu = [self.b2 * v + (1 - self.b2) * g * g for v, g in zip(nu, grads)]
@@ -69,8 +97,284 @@ class Adam:
         for m, v in zip(mu, nu):
             m_hat = m / (1 - self.b1**t)
             v_hat = v / (1 - self.b2**t)
-            updates.append(-self.lr * m_hat / (np.sqrt(v_hat) + self.eps))
-        return updates, (t, mu, nu)
+            updates.append(-lr * m_hat / (np.sqrt(v_hat) + self.eps))
+        return updates, (t, mu, nu) + ((state[3] + 1,) if callable(self.lr) else ())
+
+
+class NesterovSGD:
+    """torch.optim.SGD(lr, momentum, nesterov=True): b <- mu b + g, theta -= lr (g + mu b)."""
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+
+    def init(self, params: Leaves):
+        return [np.zeros_like(np.asarray(p, np.float64)) for p in params]
+
+    def step(self, grads: Leaves, state, params: Leaves):
+        buffers = [self.momentum * b + g for b, g in zip(state, grads)]
+        return [-self.lr * (g + self.momentum * b) for g, b in zip(grads, buffers)], buffers
+
+
+class Partition:
+    """Different optimizers on disjoint groups of leaves, one gradient (optax.multi_transform).
+
+    ``groups``: per optimizer, the indices of the leaves it owns; every leaf is owned once.
+    """
+
+    def __init__(self, optimizers: Sequence, groups: Sequence[Sequence[int]]):
+        self.optimizers, self.groups = list(optimizers), [list(g) for g in groups]
+        owned = sorted(i for g in self.groups for i in g)
+        assert owned == list(range(len(owned))), "every leaf must be owned exactly once"
+
+    def init(self, params: Leaves):
+        return [opt.init([params[i] for i in g]) for opt, g in zip(self.optimizers, self.groups)]
+
+    def step(self, grads: Leaves, state, params: Leaves):
+        updates: list = [None] * len(params)
+        new_state = []
+        for opt, group, opt_state in zip(self.optimizers, self.groups, state):
+            u, opt_state = opt.step(
+                [grads[i] for i in group], opt_state, [params[i] for i in group]
+            )
+            for i, u_i in zip(group, u):
+                updates[i] = u_i
+            new_state.append(opt_state)
+        return updates, new_state
+
+
+# --- inner states as trees: which leaves a policy touches -----------------------------------
+
+
+def _is_record(node) -> bool:
+    return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
+def map_state(fn: Callable[..., Any], tree, *rest, path: Path = ()):
+    """``fn(path, leaf, *other_leaves)`` on every leaf of a nested tuple/list/dict/NamedTuple.
+
+    Anything else (arrays, numbers, None) is a leaf. Written here so that the
+    reference needs no pytree library: it also walks the states of optimizers
+    given as plain functions (NamedTuples of arrays).
+    """
+    if _is_record(tree):
+        return type(tree)(
+            *(
+                map_state(fn, *children, path=path + (name,))
+                for name, *children in zip(tree._fields, tree, *rest)
+            )
+        )
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(
+            map_state(fn, *children, path=path + (i,))
+            for i, children in enumerate(zip(tree, *rest))
+        )
+    if isinstance(tree, dict):
+        return {
+            key: map_state(fn, tree[key], *(r[key] for r in rest), path=path + (key,))
+            for key in tree
+        }
+    return fn(path, tree, *rest)
+
+
+def is_floating(leaf) -> bool:
+    """Floating (or complex) arrays and Python floats; not ints, bools or PRNG keys."""
+    if isinstance(leaf, float):
+        return True
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        ml_dtypes.finfo(dtype)  # numpy's floats and complexes, and bfloat16 & co
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+ParamsLike = Callable[[Path, Any], bool]
+
+
+def every_leaf(path: Path, leaf) -> bool:
+    return True
+
+
+def floating_leaves(path: Path, leaf) -> bool:
+    return is_floating(leaf)
+
+
+def under(*prefixes: Path) -> ParamsLike:
+    """The leaves whose path starts with one of ``prefixes`` (e.g. ``under((1,), (2,))``)."""
+    return lambda path, leaf: any(path[: len(p)] == tuple(p) for p in prefixes)
+
+
+# --- Algorithm 1 ---------------------------------------------------------------------------
+
+
+class LookaheadState(NamedTuple):
+    inner: Any  # the inner optimizer's state
+    slow: Leaves  # phi
+    count: int  # inner steps since the last sync, in [0, k)
+    syncs: int  # syncs so far; the j-th sync (from 0) uses alpha(j)
+    cycle_start: Any = None  # "pullback": the inner state at the start of the cycle
+    alpha: float | None = None  # the alpha of the last sync (None before the first)
+    outer: Any = None  # the outer optimizer's state, with ``outer=``
+
+
+class SyncView(NamedTuple):
+    """What an ``alpha_rule`` sees at the j-th sync (j from 0)."""
+
+    index: int
+    fast: Leaves  # theta_k: params + the k-th inner update
+    slow: Leaves  # phi before the sync
+    grads: Leaves  # the k-th step's gradient (taken at theta_{k-1})
+    updates: Leaves  # the k-th inner update
+    inner_state: Any  # the inner state after the k-th step
+
+
+class Lookahead:
+    """Algorithm 1 of Zhang et al. (2019), one inner step per ``step`` call.
+
+    On calls k, 2k, ... the sync happens inside the call: with theta_k = params
+    + the inner update, phi <- phi + alpha_j (theta_k - phi), and the update
+    returned moves the params to the new phi. Every other call returns the inner
+    update. phi starts as the initial params.
+
+    Args:
+      inner: the inner optimizer (``init``/``step``).
+      k: the sync period, or a callable of the cycle index j = 0, 1, ...: the period
+        of each cycle (a k changed in the middle of a cycle applies from the next one).
+      alpha: a float, or a schedule: a callable of the sync index j = 0, 1, ...
+      inner_state: at a sync, "keep" the inner state; "reset" it to
+        ``inner.init(params after the sync)`` on the leaves ``params_like``
+        selects (the others keep their values, e.g. a schedule's count); or
+        "pullback": ``s <- s0 + alpha_j (s - s0)`` on the floating leaves
+        ``params_like`` selects and where both values are finite, ``s0`` the
+        inner state at the start of the cycle.
+      params_like: ``(path, leaf) -> bool``, which leaves of the inner state the
+        policy acts on. Default: every leaf for "reset", every floating leaf for
+        "pullback".
+      slow_dtype: store phi rounded to this dtype (e.g. bfloat16); None: float64.
+      params_dtype: the params' dtype: the params after a sync are phi rounded to
+        it (use the same dtype in :func:`run`). None: float64.
+      alpha_rule: ``SyncView -> float``, the alpha of each sync computed from what
+        the sync sees (an adaptive alpha); overrides ``alpha``.
+      outer: an optimizer for the slow step instead of alpha: at a sync it takes a
+        step on the pseudo-gradient Delta = phi - theta_k, ``u, outer_state <-
+        outer.step(Delta, outer_state, phi)`` and phi <- phi + u (``SGD(alpha)`` is
+        alpha). With "pullback", alpha for the inner state is then 1.
+    """
+
+    def __init__(
+        self,
+        inner,
+        k: int | Callable[[int], int],
+        alpha: float | Callable[[int], float] = 0.5,
+        inner_state: str = "keep",
+        params_like: ParamsLike | None = None,
+        slow_dtype=None,
+        params_dtype=None,
+        alpha_rule: Callable[[SyncView], float] | None = None,
+        outer=None,
+    ):
+        assert inner_state in ("keep", "reset", "pullback"), inner_state
+        self.inner, self.k, self.alpha, self.policy = inner, k, alpha, inner_state
+        if params_like is None:
+            params_like = every_leaf if inner_state == "reset" else floating_leaves
+        self.params_like, self.alpha_rule, self.outer = params_like, alpha_rule, outer
+        self.slow_dtype, self.params_dtype = slow_dtype, params_dtype
+
+    def init(self, params: Leaves) -> LookaheadState:
+        inner_state = self.inner.init(params)
+        return LookaheadState(
+            inner=inner_state,
+            slow=[rounded(p, self.slow_dtype) for p in _as_f64(params)],  # phi_0 = theta_0
+            count=0,
+            syncs=0,
+            cycle_start=inner_state if self.policy == "pullback" else None,
+            outer=None if self.outer is None else self.outer.init(_as_f64(params)),
+        )
+
+    def alpha_at(self, view: SyncView) -> float:
+        if self.alpha_rule is not None:
+            return float(self.alpha_rule(view))
+        return float(self.alpha(view.index)) if callable(self.alpha) else float(self.alpha)
+
+    def step(self, grads: Leaves, state: LookaheadState, params: Leaves):
+        updates, inner_state = self.inner.step(grads, state.inner, params)
+        count = state.count + 1
+        if count < (self.k(state.syncs) if callable(self.k) else self.k):
+            return updates, state._replace(inner=inner_state, count=count)
+        # The sync: phi <- phi + alpha (theta_k - phi); the params move to phi.
+        fast = [np.asarray(p, np.float64) + u for p, u in zip(params, updates)]
+        outer_state = state.outer
+        if self.outer is None:
+            view = SyncView(state.syncs, fast, state.slow, grads, updates, inner_state)
+            alpha = self.alpha_at(view)
+            slow = [s + alpha * (f - s) for s, f in zip(state.slow, fast)]
+        else:
+            alpha = 1.0
+            delta = [s - f for s, f in zip(state.slow, fast)]
+            outer_updates, outer_state = self.outer.step(delta, outer_state, state.slow)
+            slow = [s + u for s, u in zip(state.slow, outer_updates)]
+        slow = [rounded(s, self.slow_dtype) for s in slow]
+        new_params = [rounded(s, self.params_dtype) for s in slow]
+        updates = [n - np.asarray(p, np.float64) for n, p in zip(new_params, params)]
+        cycle_start = state.cycle_start
+        if self.policy == "reset":
+            fresh = self.inner.init(new_params)
+            inner_state = map_state(
+                lambda path, now, new: new if self.params_like(path, now) else now,
+                inner_state,
+                fresh,
+            )
+        elif self.policy == "pullback":
+
+            def pull(path, start, end):
+                if not (self.params_like(path, end) and is_floating(end)):
+                    return end
+                finite = np.isfinite(np.asarray(start)) & np.isfinite(np.asarray(end))
+                pulled = start + alpha * (end - start)
+                return pulled if np.all(finite) else np.where(finite, pulled, end)
+
+            inner_state = cycle_start = map_state(pull, cycle_start, inner_state)
+        new_state = LookaheadState(
+            inner_state, slow, 0, state.syncs + 1, cycle_start, alpha, outer_state
+        )
+        return updates, new_state
+
+
+# --- driving an optimizer ------------------------------------------------------------------
+
+
+class Step(NamedTuple):
+    """One step of :func:`run`: the params after it, its gradient, update and new state."""
+
+    params: Leaves
+    grads: Leaves
+    updates: Leaves
+    state: Any
+
+
+def run(
+    optimizer,
+    params0,
+    grad_fn: Callable[[Leaves], Leaves],
+    num_steps: int,
+    params_dtype=None,
+) -> list[Step]:
+    """``num_steps`` steps of ``optimizer`` from ``params0``; the params after each step.
+
+    ``params_dtype``: the params are rounded to it after every step (the params of a
+    bfloat16 model); None keeps float64.
+    """
+    params = [rounded(p, params_dtype) for p in _as_f64(params0)]
+    state = optimizer.init(params)
+    history = []
+    for _ in range(num_steps):
+        grads = grad_fn(params)
+        updates, state = optimizer.step(grads, state, params)
+        params = [rounded(p + u, params_dtype) for p, u in zip(params, updates)]
+        history.append(Step([p.copy() for p in params], grads, updates, state))
+    return history
 
 
 def lookahead_trajectory(
@@ -81,43 +385,27 @@ def lookahead_trajectory(
     alpha: float,
     num_steps: int,
 ) -> tuple[list[Leaves], list[Leaves]]:
-    """Runs Algorithm 1 for ``num_steps`` inner steps (need not be a multiple of k).
+    """:class:`Lookahead` (inner state kept) for ``num_steps`` steps (need not be a multiple of k).
 
     Returns ``(fast, slow)``: for every inner step t = 1..num_steps, the fast
     weights (what the params are after the step) and the slow weights phi.
-    The inner state is kept across syncs.
     """
-    slow = _as_f64(params0)  # phi_0 = theta_0
-    inner_state = inner.init(slow)
-    fast_history, slow_history = [], []
-    step = 0
-    while step < num_steps:
-        fast = [s.copy() for s in slow]  # theta_{t,0} <- phi_{t-1}
-        for i in range(1, k + 1):
-            grads = grad_fn(fast)
-            updates, inner_state = inner.step(grads, inner_state, fast)
-            fast = [p + u for p, u in zip(fast, updates)]
-            step += 1
-            if i == k:  # phi_t <- phi_{t-1} + alpha (theta_{t,k} - phi_{t-1})
-                slow = [s + alpha * (f - s) for s, f in zip(slow, fast)]
-                fast = [s.copy() for s in slow]
-            fast_history.append([f.copy() for f in fast])
-            slow_history.append([s.copy() for s in slow])
-            if step == num_steps:
-                break
-    return fast_history, slow_history
+    history = run(Lookahead(inner, k, alpha), params0, grad_fn, num_steps)
+    return [s.params for s in history], [list(s.state.slow) for s in history]
+
+
+def outer_trajectory(params0, grad_fn, inner, k: int, outer, num_steps: int):
+    """:class:`Lookahead` with ``outer=``: ``(fast, slow)`` as in :func:`lookahead_trajectory`."""
+    history = run(Lookahead(inner, k, outer=outer), params0, grad_fn, num_steps)
+    return [s.params for s in history], [list(s.state.slow) for s in history]
 
 
 def inner_trajectory(params0, grad_fn, inner, num_steps: int) -> list[Leaves]:
     """The inner optimizer alone: params after every step t = 1..num_steps."""
-    params = _as_f64(params0)
-    state = inner.init(params)
-    history = []
-    for _ in range(num_steps):
-        updates, state = inner.step(grad_fn(params), state, params)
-        params = [p + u for p, u in zip(params, updates)]
-        history.append([p.copy() for p in params])
-    return history
+    return [s.params for s in run(inner, params0, grad_fn, num_steps)]
+
+
+# --- test problems -------------------------------------------------------------------------
 
 
 class LogisticQuadratic:

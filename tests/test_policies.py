@@ -1,12 +1,16 @@
 """Inner-state policies ("keep", "reset", "pullback") and alpha schedules.
 
-Every test compares the library with a plain loop written here from the spec
-(Algorithm 1 plus the policy), never with the library's own output:
+Every test compares the library with tests/reference.py's step-wise Lookahead,
+never with the library's own output. The library's policies act on the leaves of
+the inner state that ``optax.tree_map_params`` maps (the params-shaped ones);
+``PARAMS_LIKE`` says which leaves of each reference inner state those are:
 
 - "keep": the inner state carries over a sync.
-- "reset": after the j-th sync the inner state is ``inner.init(params after the sync)``.
-- "pullback": every floating leaf s <- s0 + alpha_j (s - s0), s0 the inner state
-  at the start of the cycle; integer, bool and key leaves untouched.
+- "reset": after the j-th sync every state record that holds params-shaped leaves
+  is ``inner.init(params after the sync)`` (Adam's moments with their count);
+  records without them keep their values (a learning-rate schedule's count).
+- "pullback": the params-shaped leaves s <- s0 + alpha_j (s - s0), s0 the inner
+  state at the start of the cycle; counters, bools and keys untouched.
 - a schedule alpha: the j-th sync (j = 0, 1, ...) uses alpha(j).
 """
 
@@ -22,48 +26,10 @@ import optax
 import pytest
 
 import lookahead_optax as lo
-from tests import reference
+from tests import helpers, reference
 
 K = 3
 NUM_STEPS = 3 * K + 2  # three syncs and a partial cycle
-
-
-# --- the independent reference (numpy, float64) -------------------------------------------
-
-
-def _pull(start, end, alpha):
-    """start + alpha (end - start) on floating arrays; ints (Adam's t) keep ``end``."""
-    if isinstance(end, (list, tuple)):
-        return type(end)(_pull(s, e, alpha) for s, e in zip(start, end))
-    if isinstance(end, (np.ndarray, np.floating)) and np.issubdtype(end.dtype, np.floating):
-        return start + alpha * (end - start)
-    return end
-
-
-def policy_trajectory(params0, grad_fn, inner, k, alpha, num_steps, policy):
-    """Algorithm 1 with an inner-state policy; returns (fast, slow, inner state) per step."""
-    slow = [np.array(p, np.float64) for p in params0]
-    fast = [s.copy() for s in slow]
-    state = inner.init(fast)
-    cycle_start = state
-    syncs = 0
-    history = []
-    for step in range(1, num_steps + 1):
-        updates, state = inner.step(grad_fn(fast), state, fast)
-        fast = [p + u for p, u in zip(fast, updates)]
-        if step % k == 0:
-            step_alpha = float(alpha(syncs)) if callable(alpha) else alpha
-            slow = [s + step_alpha * (f - s) for s, f in zip(slow, fast)]
-            fast = [s.copy() for s in slow]
-            if policy == "reset":
-                state = inner.init(fast)
-            elif policy == "pullback":
-                state = _pull(cycle_start, state, step_alpha)
-                cycle_start = state
-            syncs += 1
-        history.append(([f.copy() for f in fast], [s.copy() for s in slow], state))
-    return history
-
 
 # --- running the library ------------------------------------------------------------------
 
@@ -104,22 +70,34 @@ INNERS = {
         lambda state: {"count": state[0], "mu": state[1], "nu": state[2]},
     ),
 }
+# (inner, policy): the leaves of the reference inner state the library's policy acts on.
+PARAMS_LIKE = {
+    ("momentum", "reset"): reference.every_leaf,  # the trace
+    ("momentum", "pullback"): reference.every_leaf,
+    ("adam", "reset"): reference.every_leaf,  # one record (count, mu, nu): reset as a whole
+    ("adam", "pullback"): reference.under((1,), (2,)),  # mu and nu, not the count
+}
+
+
+def reference_run(inner_name, policy, alpha=0.6, inner=None):
+    reference_inner = inner or INNERS[inner_name][1]
+    params_like = PARAMS_LIKE.get((inner_name, policy))
+    lookahead = reference.Lookahead(reference_inner, K, alpha, policy, params_like)
+    return reference.run(lookahead, PROBLEM.leaves0(), PROBLEM.grad, NUM_STEPS)
 
 
 @pytest.mark.parametrize("policy", ["keep", "reset", "pullback"])
 @pytest.mark.parametrize("inner_name", ["momentum", "adam"])
 def test_policy_matches_reference(policy, inner_name):
-    inner, reference_inner, moments = INNERS[inner_name]
+    inner, _, moments = INNERS[inner_name]
     alpha = 0.6
     tx = lo.lookahead(inner, k=K, alpha=alpha, inner_state=policy)
     got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
-    expected = policy_trajectory(
-        PROBLEM.leaves0(), PROBLEM.grad, reference_inner, K, alpha, NUM_STEPS, policy
-    )
-    for (params, slow, opt_state), (fast_ref, slow_ref, state_ref) in zip(got, expected):
-        _close(params, fast_ref)
-        _close(slow, slow_ref)
-        for name, value in moments(state_ref).items():
+    expected = reference_run(inner_name, policy, alpha)
+    for (params, slow, opt_state), step in zip(got, expected, strict=True):
+        _close(params, step.params)
+        _close(slow, step.state.slow)
+        for name, value in moments(step.state.inner).items():
             got_value = optax.tree_utils.tree_get(opt_state.inner_state, name)
             if name == "count":  # Adam's step count: reset restarts it, pullback leaves it
                 assert int(got_value) == value
@@ -129,13 +107,7 @@ def test_policy_matches_reference(policy, inner_name):
 
 def test_policies_differ_on_this_problem():
     """Guards the test above: the three policies give three different trajectories here."""
-    _, reference_inner, _ = INNERS["adam"]
-    finals = [
-        policy_trajectory(
-            PROBLEM.leaves0(), PROBLEM.grad, reference_inner, K, 0.6, NUM_STEPS, policy
-        )[-1][0]
-        for policy in ("keep", "reset", "pullback")
-    ]
+    finals = [reference_run("adam", policy)[-1].params for policy in ("keep", "reset", "pullback")]
     for i in range(3):
         for j in range(i + 1, 3):
             gap = max(np.max(np.abs(a - b)) for a, b in zip(finals[i], finals[j]))
@@ -147,19 +119,52 @@ def test_alpha_schedule_uses_alpha_of_sync_index(policy):
     schedule = optax.linear_schedule(init_value=0.9, end_value=0.3, transition_steps=2)
     tx = lo.lookahead(optax.adam(0.05), k=K, alpha=schedule, inner_state=policy)
     got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
-    expected = policy_trajectory(
-        PROBLEM.leaves0(), PROBLEM.grad, reference.Adam(0.05), K, schedule, NUM_STEPS, policy
-    )
-    for (params, slow, opt_state), (fast_ref, slow_ref, state_ref) in zip(got, expected):
-        _close(params, fast_ref)
-        _close(slow, slow_ref)
-        _close(optax.tree_utils.tree_get(opt_state.inner_state, "mu"), state_ref[1])
+    plain_schedule = [0.9, 0.6, 0.3, 0.3]  # the same schedule, written out
+    expected = reference_run("adam", policy, alpha=lambda j: plain_schedule[j])
+    for (params, slow, opt_state), step in zip(got, expected, strict=True):
+        _close(params, step.params)
+        _close(slow, step.state.slow)
+        _close(optax.tree_utils.tree_get(opt_state.inner_state, "mu"), step.state.inner[1])
     # Not the same as a constant alpha(0): the schedule really is indexed by the sync.
-    constant = policy_trajectory(
-        PROBLEM.leaves0(), PROBLEM.grad, reference.Adam(0.05), K, 0.9, NUM_STEPS, policy
+    constant = reference_run("adam", policy, alpha=0.9)
+    gap = max(
+        np.max(np.abs(a - b)) for a, b in zip(constant[-1].state.slow, expected[-1].state.slow)
     )
-    gap = max(np.max(np.abs(a - b)) for a, b in zip(constant[-1][1], expected[-1][1]))
     assert gap > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset", "pullback"])
+def test_learning_rate_schedule_of_the_inner_optimizer(policy):
+    """Adam with a decaying learning rate: "reset" restarts Adam, not the schedule."""
+
+    def decay(n):
+        return 0.08 * 0.8**n
+
+    tx = lo.lookahead(
+        optax.adam(optax.exponential_decay(0.08, 1, 0.8)), k=K, alpha=0.6, inner_state=policy
+    )
+    got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
+    # The reference Adam's state is (t, mu, nu, n), n the schedule's count. The library
+    # resets Adam's record (t, mu, nu) and keeps the schedule's; pullback moves mu, nu.
+    params_like = {
+        "keep": None,
+        "reset": reference.under((0,), (1,), (2,)),
+        "pullback": reference.under((1,), (2,)),
+    }[policy]
+    lookahead = reference.Lookahead(reference.Adam(decay), K, 0.6, policy, params_like)
+    expected = reference.run(lookahead, PROBLEM.leaves0(), PROBLEM.grad, NUM_STEPS)
+    for (params, slow, opt_state), step in zip(got, expected, strict=True):
+        _close(params, step.params)
+        _close(slow, step.state.slow)
+        adam_state, schedule_state = opt_state.inner_state
+        assert int(adam_state.count) == step.state.inner[0]  # Adam's bias-correction count
+        assert int(schedule_state.count) == step.state.inner[3]  # the schedule's
+    # Guard: restarting the schedule too would be a different trajectory.
+    if policy == "reset":
+        restart_all = reference.Lookahead(reference.Adam(decay), K, 0.6, "reset")
+        restarted = reference.run(restart_all, PROBLEM.leaves0(), PROBLEM.grad, NUM_STEPS)
+        gap = max(np.max(np.abs(a - b)) for a, b in zip(restarted[-1].params, expected[-1].params))
+        assert gap > 1e-3
 
 
 # --- states with bool, integer and PRNG-key leaves -------------------------------------------
@@ -203,39 +208,25 @@ def anchored_sgd(lr: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def optax_policy_trajectory(inner, params0, loss, k, alpha, num_steps, policy):
-    """The same spec as ``policy_trajectory``, but the inner optimizer is an optax one."""
-
-    def pull(start, end):
-        floating = jnp.issubdtype(end.dtype, jnp.floating)
-        return start + alpha * (end - start) if floating else end
-
-    @jax.jit
-    def inner_step(fast, state):
-        updates, state = inner.update(jax.grad(loss)(fast), state, fast)
-        return optax.apply_updates(fast, updates), state
-
-    fast = slow = params0
-    state = cycle_start = inner.init(params0)
-    history = []
-    for step in range(1, num_steps + 1):
-        fast, state = inner_step(fast, state)
-        if step % k == 0:
-            slow = jax.tree.map(lambda s, f: s + alpha * (f - s), slow, fast)
-            fast = slow
-            if policy == "reset":
-                state = inner.init(fast)
-            elif policy == "pullback":
-                state = cycle_start = jax.tree.map(pull, cycle_start, state)
-        history.append((fast, slow, state))
-    return history
+# Which leaves of AnchoredState the library's policies act on: reset re-initialises the
+# record as a whole (it holds params-shaped fields); pullback moves anchor and velocity.
+ANCHORED_PARAMS_LIKE = {
+    "keep": None,
+    "reset": reference.every_leaf,
+    "pullback": reference.under(("anchor",), ("velocity",)),
+}
 
 
 @functools.cache
 def anchored_reference(policy):
-    """The reference run of ``anchored_sgd`` for one policy (shared by two tests)."""
-    inner = anchored_sgd(0.2)
-    return optax_policy_trajectory(inner, PARAMS0, PROBLEM.loss, K, 0.5, NUM_STEPS, policy)
+    """The reference run of ``anchored_sgd`` for one policy (shared by two tests).
+
+    The inner step is anchored_sgd itself (run by helpers.JaxInner): these tests are about
+    what Lookahead does to an inner state with bool, int and key leaves, not about SGD.
+    """
+    inner = helpers.JaxInner(anchored_sgd(0.2), jax.tree.structure(PARAMS0))
+    lookahead = reference.Lookahead(inner, K, 0.5, policy, ANCHORED_PARAMS_LIKE[policy])
+    return reference.run(lookahead, PROBLEM.leaves0(), PROBLEM.grad, NUM_STEPS)
 
 
 @pytest.mark.parametrize("policy", ["reset", "pullback"])
@@ -246,10 +237,10 @@ def test_bool_int_and_key_leaves(policy):
     got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
     expected = anchored_reference(policy)
     init_state = inner.init(PARAMS0)
-    for (params, slow, opt_state), (fast_ref, slow_ref, state_ref) in zip(got, expected):
-        _close(params, [np.asarray(x) for x in jax.tree.leaves(fast_ref)], atol=1e-5)
-        _close(slow, [np.asarray(x) for x in jax.tree.leaves(slow_ref)], atol=1e-5)
-        state = opt_state.inner_state
+    for (params, slow, opt_state), step in zip(got, expected, strict=True):
+        _close(params, step.params, atol=1e-5)
+        _close(slow, step.state.slow, atol=1e-5)
+        state, state_ref = opt_state.inner_state, step.state.inner
         # dtypes never change (bool stays bool, the key stays a typed key)
         assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, init_state)
         assert bool(state.moved) == bool(state_ref.moved)
@@ -282,5 +273,4 @@ def test_policies_run_in_scan_and_donate(policy):
     run = jax.jit(lambda carry: jax.lax.scan(body, carry, length=NUM_STEPS)[0], donate_argnums=0)
     fresh_params = jax.tree.map(jnp.copy, PARAMS0)  # donated below
     params, opt_state = run((fresh_params, tx.init(fresh_params)))
-    expected = anchored_reference(policy)[-1]
-    _close(params, [np.asarray(x) for x in jax.tree.leaves(expected[0])], atol=1e-5)
+    _close(params, anchored_reference(policy)[-1].params, atol=1e-5)

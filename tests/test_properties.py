@@ -13,10 +13,16 @@ import lookahead_optax as lo
 from tests import reference as ref
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# name: (library inner, reference inner, the library's inner state as the reference's)
 INNERS = {
-    "sgd": (lambda: optax.sgd(0.1), lambda: ref.SGD(0.1)),
-    "momentum": (lambda: optax.sgd(0.1, momentum=0.5), lambda: ref.Momentum(0.1, 0.5)),
+    "sgd": (lambda: optax.sgd(0.1), lambda: ref.SGD(0.1), lambda inner_state: ()),
+    "momentum": (
+        lambda: optax.sgd(0.1, momentum=0.5),
+        lambda: ref.Momentum(0.1, 0.5),
+        lambda inner_state: as_f64(inner_state[0].trace),
+    ),
 }
+LR = 0.1
 # derandomize: the same examples on every run, so CI is reproducible.
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 
@@ -79,11 +85,42 @@ def run_steps(inner, params, curvatures, k, alpha, num_steps):
             slow_params=lo.slow_params(new_state, new_params),
             count=new_state.count,
             syncs=new_state.syncs,
+            inner_state=new_state.inner_state,
         )
         return (new_params, new_state), seen
 
     state = lo.lookahead(inner, k=k, alpha=alpha).init(params)
-    return jax.lax.scan(body, (params, state), length=num_steps)[1]
+    return jax.lax.scan(body, (params, state), length=num_steps)[1], state.inner_state
+
+
+def assert_within(got, want, bound, what):
+    bad = np.abs(got - want) > bound
+    allowed = np.broadcast_to(bound, bad.shape)[bad]
+    assert not bad.any(), f"{what}: got {got[bad]}, reference {want[bad]}, allowed {allowed}"
+
+
+def one_step_bound(dtype, params, grads, inner_updates, trace, slow_before, slow_after, sync):
+    """How far one library step in ``dtype`` may be from the float64 reference step.
+
+    Every rounded operation is off by at most half a unit in the last place of its
+    result, eps/2 |result|. The bound allows eps |result| (twice that) for every
+    intermediate result of the step, plus the smallest normal number for underflow:
+    the gradient c (p - 1), the momentum trace, the inner update and params + update;
+    at a sync also theta - phi and alpha (theta - phi) (alpha itself rounded to
+    ``dtype``), the new phi, the update phi - params and the params after it.
+    """
+    e, floor = eps(dtype), float(jnp.finfo(dtype).smallest_normal)
+    bounds = []
+    for i, (p, g, u) in enumerate(zip(params, grads, inner_updates)):
+        fast = p + u
+        terms = 2 * np.abs(g) + np.abs(u) + np.abs(fast)
+        if trace:
+            terms = terms + np.abs(trace[i])
+        if sync:
+            s_old, s_new = slow_before[i], slow_after[i]
+            terms = terms + 2 * np.abs(fast - s_old) + 2 * np.abs(s_new) + np.abs(s_new - p)
+        bounds.append(e * terms + floor)
+    return bounds
 
 
 @SETTINGS
@@ -99,10 +136,10 @@ def run_steps(inner, params, curvatures, k, alpha, num_steps):
 def test_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, static):
     raw_params, curvatures = problem
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), raw_params)
-    make_inner, make_reference = INNERS[inner_name]
+    make_inner, make_reference, reference_inner_state = INNERS[inner_name]
     run = jax.jit(run_steps, static_argnums=(0, 2, 5) + ((3, 4) if static else ()))
     hyper = (k, alpha) if static else (jnp.asarray(k, jnp.int32), jnp.asarray(alpha, jnp.float32))
-    seen = run(make_inner(), params, tuple(curvatures), *hyper, num_steps)
+    seen, inner_state0 = run(make_inner(), params, tuple(curvatures), *hyper, num_steps)
 
     # Structure and dtype are those of params, for updates and slow weights.
     for name in ("updates", "new_params", "slow", "slow_params"):
@@ -114,40 +151,60 @@ def test_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, s
     for got, want in zip(as_f64(seen["slow_params"]), as_f64(seen["slow"])):
         np.testing.assert_array_equal(got, want)
 
-    tol = 4 * eps(dtype)
-    for t in steps:
-        at = {
-            name: [x[t - 1] for x in as_f64(tree)]
-            for name, tree in seen.items()
-            if name not in ("count", "syncs")
-        }
-        if t % k:  # not a sync: the inner update, slow weights untouched
-            for got, want in zip(at["updates"], at["inner_updates"]):
-                np.testing.assert_allclose(got, want, rtol=tol, atol=1e-30)
-            for got, want in zip(at["slow"], at["slow_before"]):
-                np.testing.assert_array_equal(got, want)
-            continue
-        # A sync: phi + alpha (theta_k - phi), computed here from the library's own values.
-        for p, u, s, got_params, got_slow in zip(
-            at["params"], at["inner_updates"], at["slow_before"], at["new_params"], at["slow"]
-        ):
-            expected = s + alpha * (p + u - s)
-            bound = tol * (np.abs(s) + np.abs(p + u) + 1)
-            assert np.all(np.abs(got_slow - expected) <= bound)
-            assert np.all(np.abs(got_params - expected) <= bound)
+    def at(name, t):
+        """The library's ``name`` after step t (t = 0: before the first step)."""
+        return [x[t - 1] for x in as_f64(seen[name])]
 
-    # The whole run against the float64 reference, rounding growing with the step count.
     def reference_grad(leaves):
         return [c * (p - 1.0) for p, c in zip(leaves, curvatures)]
 
-    fast, slow = ref.lookahead_trajectory(
-        as_f64(params), reference_grad, make_reference(), k, alpha, num_steps
-    )
-    tol = 4 * num_steps * eps(dtype)
-    for got, want in zip(as_f64(seen["new_params"]), zip(*fast)):
-        np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
-    for got, want in zip(as_f64(seen["slow"]), zip(*slow)):
-        np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
+    # Step by step: the reference's step from the library's state after step t - 1 must
+    # give the library's state after step t, within the rounding of one step in dtype.
+    # (A whole-run tolerance in 16 bits has to grow with the run and hides a wrong sync.)
+    reference = ref.Lookahead(make_reference(), k, alpha)
+    for t in steps:
+        if t == 1:
+            params_before, slow_before = as_f64(params), as_f64(params)
+            inner_before = reference_inner_state(inner_state0)
+        else:
+            params_before, slow_before = at("new_params", t - 1), at("slow", t - 1)
+            inner_before = reference_inner_state(
+                jax.tree.map(lambda x, t=t: x[t - 2], seen["inner_state"])
+            )
+        before = ref.LookaheadState(inner_before, slow_before, (t - 1) % k, (t - 1) // k)
+        grads = reference_grad(params_before)
+        updates, after = reference.step(grads, before, params_before)
+        assert (after.count, after.syncs) == (t % k, t // k)
+        inner_updates, _ = reference.inner.step(grads, inner_before, params_before)
+        bound = one_step_bound(
+            dtype, params_before, grads, inner_updates, after.inner, slow_before, after.slow,
+            sync=t % k == 0,
+        )  # fmt: skip
+        expected_params = [p + u for p, u in zip(params_before, updates)]
+        for got, want, b in zip(at("new_params", t), expected_params, bound, strict=True):
+            assert_within(got, want, b, f"params after step {t}")
+        for got, want, b in zip(at("slow", t), after.slow, bound, strict=True):
+            assert_within(got, want, b, f"slow weights after step {t}")
+        got_inner = reference_inner_state(
+            jax.tree.map(lambda x, t=t: x[t - 1], seen["inner_state"])
+        )
+        for got, want, b in zip(got_inner, after.inner, bound):
+            assert_within(got, want, b, f"inner state after step {t}")
+        if t % k:  # not a sync: exactly the inner optimizer's update, slow weights untouched
+            for got, want in zip(at("updates", t), at("inner_updates", t)):
+                np.testing.assert_allclose(got, want, rtol=4 * eps(dtype), atol=1e-30)
+            for got, want in zip(at("slow", t), at("slow_before", t)):
+                np.testing.assert_array_equal(got, want)
+
+    # In float32, also the whole run against the float64 reference run: rounding errors
+    # of at most a few eps per step, not amplified (the steps are contractions here).
+    if dtype == jnp.float32:
+        history = ref.run(reference, as_f64(params), reference_grad, num_steps)
+        tol = 4 * num_steps * eps(dtype)
+        for got, want in zip(as_f64(seen["new_params"]), zip(*[s.params for s in history])):
+            np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
+        for got, want in zip(as_f64(seen["slow"]), zip(*[s.state.slow for s in history])):
+            np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -157,7 +214,7 @@ def test_slow_weights_are_an_ema_of_cycle_ends(problem, k, alpha):
     raw_params, curvatures = problem
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), raw_params)
     syncs = 3
-    seen = jax.jit(run_steps, static_argnums=(0, 2, 3, 4, 5))(
+    seen, _ = jax.jit(run_steps, static_argnums=(0, 2, 3, 4, 5))(
         optax.sgd(0.1, momentum=0.5), params, tuple(curvatures), k, alpha, syncs * k
     )
     # theta_{s,k}: the params plus the inner update on the sync calls k, 2k, 3k.
