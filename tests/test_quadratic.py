@@ -22,6 +22,7 @@ import lookahead_optax as lo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import quadratic as qd  # noqa: E402
+from tests import reference  # noqa: E402
 
 GAMMA = qd.PAPER_GAMMA
 STEPS, CHAINS = 4000, 1024
@@ -98,6 +99,23 @@ def test_gd_slow_weights_contract_exactly(k, alpha):
     np.testing.assert_allclose(slow, expected, rtol=2e-5, atol=1e-7)
 
 
+def reference_cycle_matrix(gamma, a, beta, k, alpha, inner_state):
+    """T from tests/reference.py: one cycle of its Lookahead from (phi, v) = e1 and e2."""
+    lookahead = reference.Lookahead(reference.Momentum(gamma, beta), k, alpha, inner_state)
+    columns = []
+    for phi, velocity in ((1.0, 0.0), (0.0, 1.0)):
+        params = [np.array([phi])]
+        state = lookahead.init(params)._replace(inner=[np.array([velocity])])
+        if inner_state == "pullback":
+            state = state._replace(cycle_start=state.inner)
+        for _ in range(k):
+            updates, state = lookahead.step([a * params[0]], state, params)
+            params = [params[0] + updates[0]]
+        assert state.count == 0 and state.syncs == 1
+        columns.append([params[0][0], state.inner[0][0]])
+    return np.array(columns).T
+
+
 @pytest.mark.parametrize("inner_state", ["keep", "reset", "pullback"])
 def test_one_library_cycle_is_the_cycle_matrix(inner_state):
     gamma, a, beta, k, alpha = 0.3, 0.7, 0.9, 6, 0.6
@@ -116,9 +134,12 @@ def test_one_library_cycle_is_the_cycle_matrix(inner_state):
 
     params, state = jax.jit(lambda carry: jax.lax.fori_loop(0, k, step, carry))((phi, state))
     library_map = np.stack([np.asarray(params), np.asarray(state.inner_state[0].trace)])
-    expected = qd.lookahead_cycle_matrix(gamma, a, beta, k, alpha, inner_state)
+    expected = reference_cycle_matrix(gamma, a, beta, k, alpha, inner_state)
     np.testing.assert_allclose(library_map, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lo.slow_params(state, params), params, rtol=1e-6, atol=1e-7)
+    # The closed form the rate analyses use is the same map.
+    closed_form = qd.lookahead_cycle_matrix(gamma, a, beta, k, alpha, inner_state)
+    np.testing.assert_allclose(closed_form, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
