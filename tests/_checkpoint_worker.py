@@ -207,13 +207,35 @@ def resume_nnx(ckpt_dir: str, out_path: str) -> None:
 BIG = 4_000_000  # float32 elements per big leaf: 16 MB, so a save takes a while
 
 
-def known_checkpoint(step: int):
-    """Params and a real lookahead state whose values are a known function of step."""
-    params = {
-        "big": (jnp.arange(BIG, dtype=jnp.float32) + step) % 1000.0,
+def known_start(step: int):
+    """Params whose values are a known function of step."""
+    return {
+        "big": (jnp.arange(BIG, dtype=jnp.float32) + step) % 1000.0 / 1000.0,
         "small": jnp.full((3,), step, jnp.float32),
     }
-    return params, make_tx("keep").init(params)
+
+
+@jax.jit
+def known_step(params, opt_state):
+    """One lookahead(adam) step on 0.5 ||params - 1||^2."""
+    grads = jax.tree.map(lambda p: p - 1.0, params)
+    updates, opt_state = make_tx("keep").update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def known_checkpoint(step: int):
+    """Params and the lookahead state of a run in the middle of its second cycle.
+
+    ``K + 1 + step % (K - 1)`` steps from ``known_start(step)``: one sync behind it,
+    count in 1..K-1, so the slow weights differ from the params and Adam's moments
+    are non-zero. The same jitted code in every process: the values are a known
+    function of step, bit for bit.
+    """
+    params = known_start(step)
+    opt_state = make_tx("keep").init(params)
+    for _ in range(K + 1 + step % (K - 1)):
+        params, opt_state = known_step(params, opt_state)
+    return params, opt_state
 
 
 def save_forever(ckpt_dir: str) -> None:
