@@ -4,7 +4,9 @@ Trains a small Flax model on scikit-learn's digits (default) or CIFAR-10 and rep
 like the paper's tables, the final test accuracy and training loss as mean ± std over
 seeds. Lookahead is evaluated at its slow weights (``lookahead_optax.slow_params``), the
 algorithm's output. Writes ``<out-dir>/convergence.{json,md,png}`` (``--grid``:
-``convergence_grid.{json,md}``).
+``convergence_grid.{json,md}``). ``<out-dir>`` defaults to ``runs/`` at the top of the
+repository (git ignores it), so a run never overwrites the committed results; regenerate
+those with ``--out-dir benchmarks/results``.
 
     python benchmarks/convergence.py                    # the default job, 1-2 minutes on 2 cores
     python benchmarks/convergence.py --tune             # how the learning rates were chosen
@@ -528,6 +530,10 @@ def validation_split(dataset: Dataset, fraction: float = 0.25, seed: int = 0) ->
     )
 
 
+# Not benchmarks/results/: that holds the committed results, rewritten only on purpose.
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "runs"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
@@ -549,7 +555,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="learning-rate grid for the inner optimizers, on a validation split of the train set",
     )
-    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument(
+        "--out-dir",
+        default=str(DEFAULT_OUT_DIR),
+        help="where to write (default: runs/, ignored by git; the committed results: "
+        "--out-dir benchmarks/results)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.dataset]

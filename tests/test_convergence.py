@@ -246,3 +246,14 @@ def test_lookahead_is_evaluated_at_its_slow_weights():
     np.testing.assert_allclose(curves["train_loss"][:, -1], initial_loss, rtol=1e-5)
     np.testing.assert_allclose(curves["test_accuracy"][:, -1], initial_accuracy)
     assert curves["minibatch_loss"][0, -1] < 0.5 * initial_loss[0]
+
+
+def test_default_output_is_not_the_committed_results():
+    """CI runs `python benchmarks/convergence.py`: by default it writes to runs/, which git
+    ignores, never over benchmarks/results/ (test_benchmark_end_to_end_learns_and_writes_outputs
+    checks that main writes its files to --out-dir)."""
+    repo = Path(__file__).resolve().parent.parent
+    out_dir = Path(convergence.parse_args([]).out_dir).resolve()
+    assert out_dir == repo / "runs"
+    assert "/runs/" in (repo / ".gitignore").read_text().splitlines()
+    assert Path(convergence.parse_args(["--out-dir", "x"]).out_dir) == Path("x")
