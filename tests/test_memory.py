@@ -109,7 +109,7 @@ def test_state_is_the_inner_state_plus_one_copy_of_params(inner_name):
     inner = INNERS[inner_name]()
     state = lo.lookahead(inner, k=K).init(params)
     extra = tree_bytes(state) - tree_bytes(inner.init(params))
-    scalars = tree_bytes((state.count, state.syncs))
+    scalars = tree_bytes((state.count, state.syncs, state.period))
     assert extra == tree_bytes(params) + scalars
     # The compiled step's arguments grow by the same amount (nothing hidden in constants).
     inner_args = compiled_step(inner_name, False).memory_analysis().argument_size_in_bytes
@@ -122,7 +122,7 @@ def test_fp32_slow_weights_of_bf16_params_cost_one_fp32_copy_and_no_temp():
     inner = INNERS["adam"]()
     tx = lo.lookahead(inner, k=K, slow_dtype=jnp.float32)
     extra = tree_bytes(tx.init(params)) - tree_bytes(inner.init(params))
-    assert extra == 2 * tree_bytes(params) + 8  # fp32 is twice bf16; count and syncs
+    assert extra == 2 * tree_bytes(params) + 12  # fp32 is twice bf16; count, syncs, period
     extra_temp = temp_bytes("adam", True, jnp.bfloat16, jnp.float32) - temp_bytes(
         "adam", False, jnp.bfloat16
     )
