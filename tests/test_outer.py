@@ -145,3 +145,114 @@ def test_reset_and_inject_hyperparams_with_an_outer_optimizer():
 def test_bad_outer_is_named(kwargs, error, message):
     with pytest.raises(error, match=message):
         lo.lookahead(optax.sgd(0.1), k=2, **kwargs)
+
+
+# ---- everything that works with alpha works with outer= ----
+
+NESTEROV = dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+
+
+def test_masked_and_multi_transform_with_an_outer_optimizer():
+    """On 0.5 ||p||^2 (grads = params) the covered leaf moves as with the lookahead alone."""
+    params = initial_params()
+    make = lambda: lo.lookahead(optax.sgd(0.1), k=3, **NESTEROV)  # noqa: E731
+    labels = {"w": "la", "b": "plain", "head": "plain"}
+    runs = {
+        "alone": (make(), {"w": params["w"]}),
+        "masked": (optax.masked(make(), {k: v == "la" for k, v in labels.items()}), params),
+        "multi_transform": (
+            optax.multi_transform({"la": make(), "plain": optax.sgd(0.1)}, labels),
+            params,
+        ),
+    }
+    results = {}
+    for name, (tx, p) in runs.items():
+        s = tx.init(p)
+        for _ in range(7):
+            u, s = tx.update(p, s, p)
+            p = optax.apply_updates(p, u)
+        results[name] = (p, s)
+    w_alone, state_alone = results.pop("alone")
+    for name, (p, s) in results.items():
+        np.testing.assert_array_equal(p["w"], w_alone["w"], err_msg=name)
+        slow = lo.slow_params(s, p)
+        np.testing.assert_array_equal(slow["w"], lo.slow_params(state_alone, w_alone)["w"])
+        assert_trees_equal(slow["b"], p["b"])  # not covered: the params themselves
+
+
+def test_flax_train_state_and_nnx_optimizer_with_an_outer_optimizer():
+    from flax import nnx
+    from flax.training import train_state
+
+    def make_tx():
+        return lo.lookahead(optax.adam(0.05), k=2, **NESTEROV)
+
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+    def loss(model):
+        return jnp.mean((model(x) - 1.0) ** 2)
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    # Linen-style: a TrainState over the same weights as a plain dict.
+    state = train_state.TrainState.create(
+        apply_fn=None, params=nnx.to_pure_dict(params), tx=make_tx()
+    )
+    optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+
+    def pure_loss(values):
+        weights = jax.tree.map(lambda v: v, params)
+        nnx.replace_by_pure_dict(weights, values)
+        return loss(nnx.merge(graphdef, weights))
+
+    for _ in range(5):
+        state = state.apply_gradients(grads=jax.grad(pure_loss)(state.params))
+        optimizer.update(model, nnx.grad(loss)(model))
+    assert int(state.opt_state.syncs) == 2
+    slow_linen = lo.slow_params(state.opt_state, state.params)
+    slow_nnx = lo.nnx_slow_model(model, optimizer)
+    np.testing.assert_allclose(slow_nnx.kernel[...], slow_linen["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(model.kernel[...], state.params["kernel"], rtol=1e-6)
+    # Right after the sync at step 4 plus one step: the outer momentum is not zero.
+    assert float(jnp.abs(state.opt_state.outer_state[0].trace["kernel"]).max()) > 0
+
+
+def test_sharded_outer_momentum_adds_no_collective_and_equals_one_device():
+    """FSDP over 8 emulated devices: the outer momentum is sharded like the params."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tests.test_sharding import (
+        _collectives_of_inner_alone,
+        _collectives_of_step,
+        _shard,
+        fsdp_state_shardings,
+        problem,
+    )
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    tx = lo.lookahead(optax.adam(0.05), k=problem.K, **NESTEROV)
+    for with_gradient in (False, True):
+        assert _collectives_of_step(tx, mesh, with_gradient) == _collectives_of_inner_alone(
+            "adam", mesh, with_gradient
+        )
+    params, inputs, targets = problem.make_problem()
+    single = jax.device_put(params, jax.devices()[0])
+    single_state = tx.init(single)
+    sharded = _shard(params, mesh)
+    shardings = fsdp_state_shardings(tx, sharded, mesh)
+    fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
+    assert all(s == fsdp for s in jax.tree.leaves(shardings.outer_state[0].trace))
+    state = jax.jit(tx.init, out_shardings=shardings)(sharded)
+    step = jax.jit(problem.make_train_step(tx), donate_argnums=(0, 1))
+    single_step = jax.jit(problem.make_train_step(tx))
+    for t in range(problem.STEPS):
+        sharded, state = step(sharded, state, *_shard((inputs[t], targets[t]), mesh))
+        single, single_state = single_step(single, single_state, inputs[t], targets[t])
+    assert int(state.syncs) == problem.STEPS // problem.K >= 2
+    for name in params:
+        assert state.outer_state[0].trace[name].sharding == fsdp
+        np.testing.assert_allclose(sharded[name], single[name], rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(
+            state.outer_state[0].trace[name], single_state.outer_state[0].trace[name],
+            rtol=2e-5, atol=2e-6,
+        )  # fmt: skip
