@@ -60,8 +60,21 @@ from _timing import (  # noqa: E402
 
 import lookahead_optax as lo  # noqa: E402
 
-CONTENDERS = ("inner", "lookahead_optax", "update_and_apply", "optax.lookahead", "inner+copy")
+CONTENDERS = (
+    "inner",
+    "lookahead_optax",
+    "update_and_apply",
+    "optax.lookahead",
+    "inner+copy",
+    "outer=sgd",
+    "outer=nesterov",
+    "outer=nesterov+fused",
+)
 OURS = ("lookahead_optax", "update_and_apply")
+# The slow step as an optax outer optimizer: SGD(alpha) (what alpha is) and SNOO/DiLoCo's
+# Nesterov step, through tx.update and (+fused) update_and_apply.
+OUTERS = ("outer=sgd", "outer=nesterov", "outer=nesterov+fused")
+FUSED = ("update_and_apply", "outer=nesterov+fused")
 INNERS = {
     "adam": lambda: optax.adam(1e-4),
     "sgdm": lambda: optax.sgd(1e-4, momentum=0.9),
@@ -139,6 +152,10 @@ def make_transform(name: str, inner: optax.GradientTransformation, k: int, alpha
         return with_idle_copy(inner)
     if name in OURS:
         return lo.lookahead(inner, k=k, alpha=alpha)
+    if name == "outer=sgd":
+        return lo.lookahead(inner, k=k, outer=optax.sgd(alpha))
+    if name in OUTERS:
+        return lo.lookahead(inner, k=k, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
     return optax.lookahead(inner, sync_period=k, slow_step_size=alpha)
 
 
@@ -155,7 +172,7 @@ def fast_of(params: Any) -> Any:
 
 
 def apply_gradients(name: str, tx: optax.GradientTransformation, grads, opt_state, params):
-    if name == "update_and_apply":
+    if name in FUSED:
         return lo.update_and_apply(tx, grads, opt_state, params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -424,6 +441,33 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"| {extra_temp / params_bytes:+.4f} "
             f"| {max(r['compile_ratio_vs_inner'][name] for name in OURS):.2f}x "
             f"| {max(stats[name]['params_sized_copies'] for name in OURS)} |"
+        )
+    lines += [
+        "",
+        "Outer optimizers (k-step mean, ratio to the inner step; state in x params beyond the "
+        "inner state):",
+        "",
+        "| benchmark | inner | params/leaves | lookahead_optax (alpha) "
+        + "".join(f"| {name} " for name in OUTERS)
+        + "| state: alpha | state: outer=nesterov |",
+        "|---|---|---|---" + "|---" * len(OUTERS) + "|---|---|",
+    ]
+    for r in results:
+        stats = r["stats"]
+        params_bytes = r.get("params_bytes") or 4 * r["params"]
+        where = "step" if r["kind"] == "optimizer_step" else "train step"
+
+        def extra_state(name, stats=stats, params_bytes=params_bytes):
+            if "state_bytes" not in stats[name]:
+                return "-"  # the end-to-end benchmark does not record it
+            extra = stats[name]["state_bytes"] - stats["inner"]["state_bytes"]
+            return f"{extra / params_bytes:.2f}"
+
+        lines.append(
+            f"| {where} | {r['inner']} | {r['params'] / 1e6:.2g}M/{r['leaves']} "
+            f"| {ratio(r['ratio_vs_inner']['lookahead_optax'])} "
+            + "".join(f"| {ratio(r['ratio_vs_inner'][name])} " for name in OUTERS)
+            + f"| {extra_state('lookahead_optax')} | {extra_state('outer=nesterov')} |"
         )
     return "\n".join(lines)
 
