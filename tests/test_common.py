@@ -171,7 +171,15 @@ def test_gradient_accumulation_gives_zero_updates_on_micro_steps(inner_name, dty
     np.testing.assert_array_equal(updates, jnp.zeros_like(grads))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(jnp.float16, marks=pytest.mark.slow),  # the quick set: bf16 and f32
+        jnp.bfloat16,
+        jnp.float32,
+        pytest.param(jnp.float64, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_state_dtypes_are_stable_under_cond(inner_name, dtype):
     with jax.enable_x64(dtype == jnp.float64):

@@ -410,6 +410,7 @@ def _lbfgs_step(tx):
     return step
 
 
+@pytest.mark.slow  # compiles lbfgs and its line search twice
 def test_lookahead_of_lbfgs():
     k, alpha = 3, 0.5
     tx = lo.lookahead(_lbfgs(), k=k, alpha=alpha)

@@ -162,6 +162,7 @@ def test_digits_split_is_stratified_standardised_and_disjoint():
     )
 
 
+@pytest.mark.slow  # a benchmark run
 def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
     report = convergence.main(
         ["--epochs", "2", "--seeds", "1", "--out-dir", str(tmp_path), "--no-progress"]
@@ -193,6 +194,7 @@ def test_benchmark_end_to_end_learns_and_writes_outputs(tmp_path):
     assert table.count("\n| ") == 1 + len(convergence.OPTIMIZERS)  # header row + one per run
 
 
+@pytest.mark.slow  # a benchmark run
 def test_benchmark_trains_the_cnn_on_a_cifar10_archive(tmp_path):
     # Two seeds: the CNN trains seed after seed (_epoch_step_by_step), not vmapped.
     _write_cifar10_batches(
@@ -231,6 +233,7 @@ def test_benchmark_trains_the_cnn_on_a_cifar10_archive(tmp_path):
     assert (tmp_path / "out" / "convergence_cifar10.json").is_file()
 
 
+@pytest.mark.slow  # trains the benchmark's MLP for an epoch
 def test_lookahead_is_evaluated_at_its_slow_weights():
     # With k longer than the run there is no sync: the slow weights are still the initial
     # weights, so the measured loss and accuracy must be the initial ones, although the

@@ -283,7 +283,9 @@ def test_vmap_over_an_ensemble_equals_separate_runs():
 # ---- dtypes and non-float leaves ----
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow), jnp.float32]
+)
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_dtypes_are_preserved(inner_name, dtype):
     tx = lo.lookahead(INNERS[inner_name][0](), k=2, alpha=0.5)

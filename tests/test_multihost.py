@@ -16,7 +16,9 @@ import time
 import _multihost_worker as worker
 import jax
 import numpy as np
+import pytest
 
+pytestmark = pytest.mark.slow  # two processes joined by jax.distributed
 NUM_PROCESSES = 2
 TIMEOUT_S = 120
 

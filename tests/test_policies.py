@@ -260,7 +260,11 @@ def test_bool_int_and_key_leaves(policy):
         assert int(opt_state.inner_state.count) == 0
 
 
-@pytest.mark.parametrize("policy", ["keep", "reset", "pullback"])
+@pytest.mark.parametrize(
+    "policy",
+    [pytest.param("keep", marks=pytest.mark.slow), pytest.param("reset", marks=pytest.mark.slow),
+     "pullback"],
+)  # fmt: skip
 def test_policies_run_in_scan_and_donate(policy):
     """State dtypes are stable (lax.scan carries them) and the state can be donated."""
     tx = lo.lookahead(anchored_sgd(0.2), k=K, alpha=0.5, inner_state=policy)

@@ -38,11 +38,13 @@ def _assert_within_standard_errors(run, closed):
     np.testing.assert_array_less(np.abs(estimate - closed), Z * error)
 
 
+@pytest.mark.slow  # Monte Carlo: 1024 chains x 4000 steps
 def test_sgd_steady_variance_matches_monte_carlo():
     run = qd.steady_state_run(GAMMA, None, steps=STEPS, chains=CHAINS, seed=1)
     _assert_within_standard_errors(run, qd.sgd_variance(GAMMA, qd.PAPER_A, qd.PAPER_SIGMA2))
 
 
+@pytest.mark.slow  # Monte Carlo
 @pytest.mark.parametrize("k, alpha", [(5, 0.5), (10, 0.8)])
 def test_lookahead_steady_variance_matches_monte_carlo(k, alpha):
     run = qd.steady_state_run(GAMMA, k, alpha, steps=STEPS, chains=CHAINS, seed=2)
@@ -60,6 +62,7 @@ def test_lookahead_variance_recursion_converges_to_closed_form():
     np.testing.assert_allclose(var[-1], closed, rtol=1e-10)
 
 
+@pytest.mark.slow  # Monte Carlo
 def test_alpha_one_is_plain_sgd():
     k = 5
     burn_in = qd.burn_in_steps(GAMMA, k, 1.0)
@@ -182,6 +185,7 @@ def test_damping_claim_at_tuned_learning_rates():
                   > qd.momentum_rate(gamma_a, (1.0,), beta))  # fmt: skip
 
 
+@pytest.mark.slow  # the benchmark module's doctests
 def test_module_examples():
     # benchmarks/ is outside pytest's doctest paths: run its examples here.
     results = doctest.testmod(qd)

@@ -106,7 +106,7 @@ def fsdp_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: M
     )
 
 
-@pytest.mark.parametrize("inner", ["adam", "sgd_momentum"])
+@pytest.mark.parametrize("inner", ["adam", pytest.param("sgd_momentum", marks=pytest.mark.slow)])
 def test_sharded_steps_keep_the_sharding_and_equal_one_device(mesh, inner):
     tx = make_lookahead(inner)
     params, inputs, targets = problem.make_problem()
@@ -180,9 +180,10 @@ def _collectives_of_inner_alone(inner: str, mesh: Mesh, with_gradient: bool) -> 
     "inner, inner_state",
     [
         ("adam", "keep"),
-        ("adam", "reset"),
-        ("adam", "pullback"),
-        ("sgd_momentum", "keep"),
+        # Each case compiles two sharded steps: the quick set keeps one.
+        pytest.param("adam", "reset", marks=pytest.mark.slow),
+        pytest.param("adam", "pullback", marks=pytest.mark.slow),
+        pytest.param("sgd_momentum", "keep", marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.parametrize("with_gradient", [False, True], ids=["update", "train_step"])
@@ -198,7 +199,11 @@ def test_lookahead_adds_no_collective_to_the_inner_optimizer(
         assert sum(inner_counts.values()) > 0
 
 
-@pytest.mark.parametrize("with_gradient", [False, True], ids=["update", "train_step"])
+@pytest.mark.parametrize(
+    "with_gradient",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["update", "train_step"],
+)
 def test_clipping_before_lookahead_adds_no_collective(mesh, with_gradient):
     # The recommended layout: gradient-only transformations that communicate (the global
     # norm's all-reduce) go before lookahead in the chain, so the sync never repeats them.
@@ -256,6 +261,7 @@ def _data_parallel_step(tx: optax.GradientTransformation, axis_name: str):
     return step
 
 
+@pytest.mark.slow  # pmap; shard_map below runs the same data-parallel step in the quick set
 def test_pmap_data_parallel_equals_one_device():
     tx = make_lookahead("adam")
     params, inputs, targets = problem.make_problem()

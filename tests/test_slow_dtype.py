@@ -56,7 +56,7 @@ def _library_slow(dtype, slow_dtype, alpha, params0, grad, lr):
     return slow_history
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("alpha", [0.05, 0.12])
 def test_float32_slow_weights_track_the_float32_reference(dtype, alpha):
     params0, grad, lr = _problem(dtype)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the speed benchmark
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 OURS = ("lookahead_optax", "update_and_apply")
 RATIO_KEYS = (
