@@ -7,6 +7,7 @@ from lookahead_optax._fused import fused_path_taken, update_and_apply
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._slow import slow_params
 from lookahead_optax._state import LookaheadState
+from lookahead_optax._workers import replicate
 
 __version__ = "0.3.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "update_and_apply",
     "fused_path_taken",
     "check_composition",
+    "replicate",
     "nnx_slow_model",
     "nnx_update_batch_stats",
     "abstract_opt_state",

@@ -120,14 +120,14 @@ def check_inner_state_policy(policy: Any) -> None:
         raise ValueError(f"inner_state must be one of {INNER_STATE_POLICIES}, got {policy!r}")
 
 
-def check_slow_dtype(slow_dtype: Any) -> None:
+def check_slow_dtype(slow_dtype: Any, name: str = "slow_dtype") -> None:
     if slow_dtype is None:
         return
     if isinstance(slow_dtype, (jax.Array, np.ndarray, np.generic)) or is_traced(slow_dtype):
         raise ValueError(
-            f"slow_dtype must be a floating dtype (e.g. jnp.float32) or None, got the array "
+            f"{name} must be a floating dtype (e.g. jnp.float32) or None, got the array "
             f"{slow_dtype!r}; under optax.inject_hyperparams pass "
-            "static_args=('slow_dtype',) (a dtype is callable, so inject_hyperparams "
+            f"static_args=('{name}',) (a dtype is callable, so inject_hyperparams "
             "otherwise treats it as a schedule)"
         )
     try:
@@ -136,7 +136,7 @@ def check_slow_dtype(slow_dtype: Any) -> None:
         floating = False
     if not floating:
         raise ValueError(
-            f"slow_dtype must be a floating dtype (e.g. jnp.float32) or None, got {slow_dtype!r}"
+            f"{name} must be a floating dtype (e.g. jnp.float32) or None, got {slow_dtype!r}"
         )
 
 
@@ -152,7 +152,35 @@ def _shapes(tree: Any) -> list[tuple]:
     return [np.shape(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-def check_trees(updates: Any, params: Any, slow: Any) -> None:
+def check_workers(workers: Any, axis_name: Any, communication_dtype: Any, alpha: Any) -> None:
+    if workers is not None:
+        is_int = isinstance(workers, numbers.Integral) and not isinstance(workers, (bool, np.bool_))
+        if not is_int or int(workers) < 1:
+            raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+        if axis_name is not None:
+            raise ValueError(
+                "workers and axis_name are two ways to say where the workers are: workers=N for "
+                "a leading axis of size N on params, axis_name inside your own shard_map, pmap "
+                f"or vmap; got workers={workers!r} and axis_name={axis_name!r}"
+            )
+    if (workers is not None or axis_name is not None) and isinstance(alpha, AdaptiveAlpha):
+        raise ValueError("adaptive_alpha does not support workers or axis_name; pass a number")
+    if communication_dtype is not None:
+        check_slow_dtype(communication_dtype, "communication_dtype")
+        if workers is None and axis_name is None:
+            raise ValueError("communication_dtype needs workers=N or axis_name")
+
+
+def check_worker_axis(leaf: Any, workers: int) -> None:
+    shape = np.shape(leaf)
+    if not shape or shape[0] != workers:
+        raise ValueError(
+            f"with workers={workers}, every leaf of params needs a leading worker axis of size "
+            f"{workers} (see lookahead_optax.replicate), got a leaf of shape {shape}"
+        )
+
+
+def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None) -> None:
     """params and grads must have the structure and leaf shapes the state was made for."""
     if params is None:
         raise ValueError("lookahead's update needs params: call tx.update(grads, opt_state, params)")
@@ -164,12 +192,13 @@ def check_trees(updates: Any, params: Any, slow: Any) -> None:
                 f"{name} must have the structure the state was initialised with: "
                 f"expected {expected}, got {structure}"
             )
+        lead = () if workers is None else (workers,)
         mismatched = [
-            (jax.tree_util.keystr(path), np.shape(leaf), np.shape(ref))
+            (jax.tree_util.keystr(path), np.shape(leaf), lead + np.shape(ref))
             for (path, leaf), ref in zip(
                 jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(slow)
             )
-            if np.shape(leaf) != np.shape(ref)
+            if np.shape(leaf) != lead + np.shape(ref)
         ]
         if mismatched:
             path, got, want = mismatched[0]

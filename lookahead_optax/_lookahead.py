@@ -85,6 +85,53 @@ def _floats_only(tree: Any) -> Any:
     return jax.tree.map(lambda x: x if _checks.is_inexact(x) else optax.MaskedNode(), tree)
 
 
+def _per_worker(inner: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+    """``inner`` on every worker: vmapped over the leading axis of params, grads and state.
+
+    Extra arguments of ``update`` reach every worker unchanged. A global-norm clip or
+    ``apply_if_finite`` inside sees only its own worker.
+    """
+
+    def init(params):
+        return _shard_worker_axis_like(jax.vmap(inner.init)(params), params)
+
+    def update(updates, state, params=None, **extra_args):
+        state = _shard_worker_axis_like(state, params)
+        return jax.vmap(lambda u, s, p: inner.update(u, s, p, **extra_args))(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _shard_worker_axis_like(tree: Any, params: Any) -> Any:
+    """On an Explicit mesh, ``tree``'s worker axis sharded as params' is (vmap requires it).
+
+    ``vmap(inner.init)`` makes per-worker counters whose worker axis is not sharded;
+    moving them onto the params' worker sharding is a local slice, no communication.
+    Nothing to do on Auto meshes and single devices.
+    """
+    sharding = getattr(jax.typeof(jax.tree.leaves(params)[0]), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return tree
+    target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))
+
+    def move(x):
+        if not hasattr(x, "ndim") or x.ndim == 0:
+            return x
+        if jax.typeof(x).sharding.spec[:1] == (spec[0],):
+            return x
+        return jax.sharding.reshard(x, target)
+
+    return jax.tree.map(move, tree)
+
+
+def _first_worker(p: Array) -> Array:
+    """``p[0]`` exactly, written as a reduction over the worker axis: slicing an axis that an
+    Explicit mesh shards is not allowed, a reduction is (one all-reduce, at init only)."""
+    first = jnp.arange(p.shape[0]).reshape((-1,) + (1,) * (p.ndim - 1)) == 0
+    return jnp.sum(jnp.where(first, p, jnp.zeros([], p.dtype)), axis=0, dtype=p.dtype)
+
+
 def _has_effects(fn: Callable[[], Any]) -> bool:
     return bool(jax.make_jaxpr(fn)().effects)
 
@@ -97,6 +144,9 @@ def lookahead(
     outer: optax.GradientTransformation | None = None,
     inner_state: InnerStatePolicy = "keep",
     slow_dtype: jax.typing.DTypeLike | None = None,
+    workers: int | None = None,
+    axis_name: Any = None,
+    communication_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookahead: k fast steps of ``inner``, then one slow step back.
 
@@ -169,6 +219,21 @@ def lookahead(
         ``jnp.float32`` for bf16 params, so the small slow steps are not
         rounded away. Default: the params' dtype. Complex leaves keep complex
         slow weights of that precision.
+      workers: Many workers (DiLoCo): params, grads, updates and the inner
+        states carry a leading worker axis of size ``workers``
+        (:func:`lookahead_optax.replicate` makes it). Each worker runs the
+        inner optimizer on its own slice (vmapped: a global-norm clip inside
+        sees only its worker); at a sync :math:`\Delta = \phi - \mathrm{mean}_w
+        \theta_w`, one outer step, and every worker restarts at the new
+        :math:`\phi`. The slow weights, outer state and counters are shared
+        (no worker axis; :math:`\phi` starts at worker 0's params). Sharded
+        over a mesh axis, the step communicates only at the sync: one
+        all-reduce of one params' worth.
+      axis_name: The same inside your own ``shard_map``, ``pmap`` or
+        ``vmap(axis_name=...)``: params have one worker's shapes and the sync
+        averages the pseudo-gradient with ``lax.pmean(..., axis_name)``.
+      communication_dtype: The dtype the pseudo-gradient is averaged in (e.g.
+        ``jnp.bfloat16``: half the bytes of float32); default the slow dtype.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -178,7 +243,8 @@ def lookahead(
       TypeError: if ``inner`` or ``outer`` is not a GradientTransformation.
       ValueError: if ``k``, ``alpha``, ``inner_state`` or ``slow_dtype`` is
         not one of the allowed values (the message says which are), or
-        ``outer`` is given with ``alpha`` or with ``inner_state="pullback"``.
+        ``outer`` is given with ``alpha`` or with ``inner_state="pullback"``,
+        or ``workers``/``axis_name``/``communication_dtype`` are inconsistent.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -226,17 +292,34 @@ def lookahead(
     else:
         _checks.check_outer(outer, alpha, inner_state)
         outer = optax.with_extra_args_support(outer)
+    _checks.check_workers(workers, axis_name, communication_dtype, alpha)
     policy = inner_state
     inner = optax.with_extra_args_support(inner)
+    # Per-worker inner optimizer: params, grads and inner states carry a leading worker axis.
+    stepper = inner if workers is None else _per_worker(inner)
+
+    def average_over_workers(delta: Array) -> Array:
+        """The sync's only communication: the mean of the workers' pseudo-gradients."""
+        if workers is None and axis_name is None:
+            return delta
+        sent = delta.astype(communication_dtype or delta.dtype)
+        if workers is not None:  # explicit axis 0; sharded over a mesh, an all-reduce
+            mean = jnp.sum(sent, axis=0, dtype=sent.dtype) / jnp.asarray(workers, sent.dtype)
+        else:  # inside the user's shard_map / pmap / vmap over axis_name
+            mean = jax.lax.pmean(sent, axis_name)
+        return mean.astype(delta.dtype)
 
     def init_fn(params: optax.Params) -> LookaheadState:
         # A real copy (not an alias of params) so params and state can both be
         # donated to a jitted step; jnp.array(copy=True) copies even when the dtype is equal.
         def copy(p):
             dtype = _slow_dtype_for(p, slow_dtype) if _checks.is_inexact(p) else None
+            if workers is not None:  # the shared slow weights start at worker 0's params
+                _checks.check_worker_axis(p, workers)
+                p = _first_worker(jnp.asarray(p))
             return jnp.array(p, dtype=dtype, copy=True)
 
-        inner_init = inner.init(params)
+        inner_init = stepper.init(params)
         slow = jax.tree.map(copy, params)
         if policy != "keep":
             _policies.params_mask(inner, inner_init, policy)  # fails now, not at the first sync
@@ -258,7 +341,7 @@ def lookahead(
 
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
         _checks.check_state(state)
-        _checks.check_trees(updates, params, state.slow)
+        _checks.check_trees(updates, params, state.slow, workers)
         hint = extra_args.pop(HINT_KEY, None)  # never forwarded to the inner optimizer
         if isinstance(hint, SyncHint) and hint.count is state.count:
             hint.taken = True
@@ -274,7 +357,7 @@ def lookahead(
             sync = count >= state.period
 
         def inner_step(inner_state=state.inner_state):
-            return inner.update(updates, inner_state, params, **extra_args)
+            return stepper.update(updates, inner_state, params, **extra_args)
 
         inner_result = None  # the inner step, when it must run before the slow step
         adaptive = None
@@ -288,23 +371,23 @@ def lookahead(
             step_alpha = alpha(state.syncs) if callable(alpha) else alpha
         step_alpha = None if outer is not None else jnp.asarray(step_alpha)
 
-        def fast_weights(u, p, slow):  # theta_k = params + the inner update, in the slow dtype
+        def pseudo_gradient(u, p, slow):
+            """Delta = phi - theta_k, theta_k = params + the inner update, in the slow dtype."""
             if not _checks.is_inexact(slow):
-                return slow
+                return optax.MaskedNode()  # not synced
             u = jnp.asarray(u)  # Python-float updates of Python-float params
-            return p.astype(slow.dtype) + u.astype(slow.dtype)
+            return average_over_workers(slow - (p.astype(slow.dtype) + u.astype(slow.dtype)))
 
         def slow_step(inner_updates, outer_state):
-            fast = jax.tree.map(fast_weights, inner_updates, params, state.slow)
-            if outer is None:  # Algorithm 1: phi <- phi + alpha (theta_k - phi)
+            delta = jax.tree.map(pseudo_gradient, inner_updates, params, state.slow)
+            if outer is None:  # Algorithm 1: phi <- phi + alpha (theta_k - phi) = phi - alpha Delta
                 return jax.tree.map(
-                    lambda s, f: s + step_alpha.astype(s.dtype) * (f - s) if _checks.is_inexact(s) else s,
-                    state.slow, fast,
+                    lambda s, d: s if _checks.is_masked(d) else s - step_alpha.astype(s.dtype) * d,
+                    state.slow, delta,
                 ), outer_state  # fmt: skip
-            # The outer optimizer's step on the pseudo-gradient Delta = phi - theta_k:
+            # The outer optimizer's step on the pseudo-gradient:
             # u, outer_state <- outer.update(Delta, outer_state, phi); phi <- phi + u.
             slow = _floats_only(state.slow)
-            delta = jax.tree.map(lambda s, f: s - f, slow, _floats_only(fast))
             outer_updates, outer_state = outer.update(delta, outer_state, slow)
             moved = jax.tree.map(lambda s, u: s + u.astype(s.dtype), slow, outer_updates)
             merged = jax.tree.map(lambda s, m: s if _checks.is_masked(m) else m, state.slow, moved)
@@ -375,9 +458,12 @@ def lookahead(
 
             def reset():
                 restart = jax.tree.map(
-                    lambda s, p: s.astype(p.dtype) if _checks.is_inexact(p) else p, new_slow, params
-                )
-                fresh = _policies.match_types(inner.init(restart), new_inner_state)
+                    lambda s, p: jnp.broadcast_to(s.astype(p.dtype), p.shape)
+                    if _checks.is_inexact(p)
+                    else p,
+                    new_slow, params,
+                )  # fmt: skip
+                fresh = _policies.match_types(stepper.init(restart), new_inner_state)
                 return _policies.reset(mask, new_inner_state, fresh)
 
             return when_syncing(reset, new_inner_state), None

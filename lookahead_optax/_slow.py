@@ -47,6 +47,9 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
     ``nnx.state(model, nnx.Param)``: the result is an ``nnx.State`` of
     ``nnx.Param`` (see also :func:`lookahead_optax.nnx_slow_model`).
 
+    With ``workers=N`` the params carry a leading worker axis and the result
+    does not: it is the one set of slow weights all workers share.
+
     Args:
       opt_state: A state returned by the ``init`` or ``update`` of a
         transformation that contains :func:`lookahead_optax.lookahead`.
@@ -85,6 +88,8 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
         if isinstance(slow, variable):
             slow = slow.get_value()
         value = current.get_value() if isinstance(current, variable) else current
+        if np.ndim(value) == np.ndim(slow) + 1 and np.shape(value)[1:] == np.shape(slow):
+            return slow  # workers=N: params carry a worker axis, the slow weights are shared
         if np.shape(value) != np.shape(slow):
             raise ValueError(
                 "params must have the leaf shapes of the params the state was initialised "

@@ -452,3 +452,32 @@ class LogisticQuadratic:
         quadratic = 0.5 * jnp.sum(curvature * (params["head"]["q"] - target) ** 2)
         return logistic + quadratic
 
+
+
+def diloco_trajectory(params0, grad_fns, inner, k: int, outer, num_steps: int):
+    """Many workers (DiLoCo): :class:`Lookahead`'s sync with the workers' mean pseudo-gradient.
+
+    Worker w starts at ``params0``, takes inner steps with its own ``grad_fns[w]`` and
+    its own copy of the inner state; at calls k, 2k, ... Delta = phi - mean_w theta_w,
+    one ``outer`` step (``SGD(alpha)`` is Lookahead's), and every worker restarts at
+    the new phi. Returns ``(fast, slow)``: per step, the list of every worker's params,
+    and phi.
+    """
+    workers = len(grad_fns)
+    slow = _as_f64(params0)
+    fast = [[s.copy() for s in slow] for _ in range(workers)]
+    inner_states = [inner.init(f) for f in fast]
+    outer_state = outer.init(slow)
+    fast_history, slow_history = [], []
+    for step in range(1, num_steps + 1):
+        for w in range(workers):
+            updates, inner_states[w] = inner.step(grad_fns[w](fast[w]), inner_states[w], fast[w])
+            fast[w] = [p + u for p, u in zip(fast[w], updates)]
+        if step % k == 0:
+            delta = [s - np.mean([f[i] for f in fast], axis=0) for i, s in enumerate(slow)]
+            outer_updates, outer_state = outer.step(delta, outer_state, slow)
+            slow = [s + u for s, u in zip(slow, outer_updates)]
+            fast = [[s.copy() for s in slow] for _ in range(workers)]
+        fast_history.append([[p.copy() for p in f] for f in fast])
+        slow_history.append([s.copy() for s in slow])
+    return fast_history, slow_history
