@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow  # runs the speed benchmark
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 OURS = ("lookahead_optax", "update_and_apply")
+OUTERS = ("outer=sgd", "outer=nesterov", "outer=nesterov+fused")
 RATIO_KEYS = (
     "ratio_vs_inner",
     "cpu_ratio_vs_inner",
@@ -46,11 +47,13 @@ def test_quick_mode_writes_finite_ratios_for_every_contender(tmp_path, loop):
         assert all(math.isfinite(r) and r > 0 for r in ratios)
         assert result["ratio_vs_inner"]["lookahead_optax"]["rounds"] == 2
         stats = result["stats"]
-        assert set(stats) == {"inner", *OURS, "optax.lookahead", "inner+copy"}
+        assert set(stats) == {"inner", *OURS, "optax.lookahead", "inner+copy", *OUTERS}
         copy_bytes = stats["inner+copy"]["state_bytes"] - stats["inner"]["state_bytes"]
         assert copy_bytes == result["params_bytes"]
         # The state sizes follow from the definitions: + one params copy for lookahead.
-        for name in OURS:
+        # (+ count, syncs and period: three int32 scalars; + Nesterov's momentum trace.)
+        for name, copies in [*((name, 1) for name in OURS), ("outer=sgd", 1),
+                             ("outer=nesterov", 2), ("outer=nesterov+fused", 2)]:  # fmt: skip
             assert stats[name]["state_bytes"] - stats["inner"]["state_bytes"] == (
-                result["params_bytes"] + 8
+                copies * result["params_bytes"] + 12
             )
