@@ -50,7 +50,7 @@ from jaxtyping import Array
 
 from lookahead_optax import _checks, _policies
 from lookahead_optax._adaptive import AdaptiveAlpha
-from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint
+from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, SyncStats
 
 InnerStatePolicy = Literal["keep", "reset", "pullback"]
 AlphaLike = float | Array | Callable[[Array], Array]
@@ -309,6 +309,15 @@ def lookahead(
             mean = jax.lax.pmean(sent, axis_name)
         return mean.astype(delta.dtype)
 
+    def initial_stats(params: optax.Params) -> SyncStats | None:
+        if workers is None and axis_name is None:
+            return None
+        drift_shape = () if workers is None else (workers,)
+        drift = jnp.zeros(drift_shape, jnp.float32)
+        if workers is not None:
+            drift = _shard_worker_axis_like(drift, params)
+        return SyncStats(jnp.zeros([], jnp.float32), drift)
+
     def init_fn(params: optax.Params) -> LookaheadState:
         # A real copy (not an alias of params) so params and state can both be
         # donated to a jitted step; jnp.array(copy=True) copies even when the dtype is equal.
@@ -337,6 +346,7 @@ def lookahead(
             ),
             adaptive=(alpha.init(params, inner_init) if isinstance(alpha, AdaptiveAlpha) else None),
             outer_state=None if outer is None else outer.init(_floats_only(slow)),
+            sync_stats=initial_stats(params),
         )
 
     def update_fn(updates, state: LookaheadState, params=None, **extra_args):
@@ -371,49 +381,63 @@ def lookahead(
             step_alpha = alpha(state.syncs) if callable(alpha) else alpha
         step_alpha = None if outer is not None else jnp.asarray(step_alpha)
 
-        def pseudo_gradient(u, p, slow):
-            """Delta = phi - theta_k, theta_k = params + the inner update, in the slow dtype."""
+        def worker_pseudo_gradient(u, p, slow):
+            """phi - theta_k, theta_k = params + the inner update, in the slow dtype (per worker)."""
             if not _checks.is_inexact(slow):
                 return optax.MaskedNode()  # not synced
             u = jnp.asarray(u)  # Python-float updates of Python-float params
-            return average_over_workers(slow - (p.astype(slow.dtype) + u.astype(slow.dtype)))
+            return slow - (p.astype(slow.dtype) + u.astype(slow.dtype))
 
-        def slow_step(inner_updates, outer_state):
-            delta = jax.tree.map(pseudo_gradient, inner_updates, params, state.slow)
+        def slow_step(inner_updates):
+            """The sync: (new slow weights, new outer state, sync stats)."""
+            per_worker = jax.tree.map(worker_pseudo_gradient, inner_updates, params, state.slow)
+            delta = jax.tree.map(average_over_workers, per_worker)  # Delta, shared
+            stats = None if state.sync_stats is None else sync_stats(per_worker, delta)
             if outer is None:  # Algorithm 1: phi <- phi + alpha (theta_k - phi) = phi - alpha Delta
                 return jax.tree.map(
                     lambda s, d: s if _checks.is_masked(d) else s - step_alpha.astype(s.dtype) * d,
                     state.slow, delta,
-                ), outer_state  # fmt: skip
+                ), state.outer_state, stats  # fmt: skip
             # The outer optimizer's step on the pseudo-gradient:
             # u, outer_state <- outer.update(Delta, outer_state, phi); phi <- phi + u.
             slow = _floats_only(state.slow)
-            outer_updates, outer_state = outer.update(delta, outer_state, slow)
+            outer_updates, outer_state = outer.update(delta, state.outer_state, slow)
             moved = jax.tree.map(lambda s, u: s + u.astype(s.dtype), slow, outer_updates)
             merged = jax.tree.map(lambda s, m: s if _checks.is_masked(m) else m, state.slow, moved)
-            return merged, _policies.match_types(outer_state, state.outer_state)
+            return merged, _policies.match_types(outer_state, state.outer_state), stats
 
+        def sync_stats(per_worker, delta) -> SyncStats:
+            def squares(x, axes):
+                return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
+
+            norm = jnp.sqrt(sum(squares(d, None) for d in jax.tree.leaves(delta)))
+            if workers is not None:  # per worker: a local reduction over its own axes
+                drift = sum(
+                    squares(w - d, tuple(range(1, w.ndim)))
+                    for w, d in zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta))
+                )
+            else:  # the mean over workers: one scalar all-reduce, and the same on every worker
+                pairs = zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta))
+                drift = jax.lax.pmean(sum(squares(w - d, None) for w, d in pairs), axis_name)
+            new = SyncStats(norm, jnp.sqrt(drift))
+            return _policies.match_types(new, state.sync_stats)
+
+        unchanged = (state.slow, state.outer_state, state.sync_stats)
         if not traced:  # note 5
             inner_updates, new_inner_state = inner_result or inner_step()
-            new_slow, new_outer_state = (
-                slow_step(inner_updates, state.outer_state)
-                if sync
-                else (state.slow, state.outer_state)
-            )
+            new_slow, new_outer_state, new_stats = slow_step(inner_updates) if sync else unchanged
         elif inner_result is None and not _has_effects(inner_step):  # notes 1 and 3
-            new_slow, new_outer_state, gate = jax.lax.cond(
+            new_slow, new_outer_state, new_stats, gate = jax.lax.cond(
                 sync,
-                lambda: (*slow_step(inner_step()[0], state.outer_state), jnp.array(True)),
-                lambda: (state.slow, state.outer_state, jnp.array(True)),
+                lambda: (*slow_step(inner_step()[0]), jnp.array(True)),
+                lambda: (*unchanged, jnp.array(True)),
             )
             gated_state = jax.tree.map(lambda s: _gated(s, gate), state.inner_state)
             inner_updates, new_inner_state = inner_step(gated_state)
         else:  # note 4
             inner_updates, new_inner_state = inner_result or inner_step()
-            new_slow, new_outer_state = jax.lax.cond(
-                sync,
-                lambda: slow_step(inner_updates, state.outer_state),
-                lambda: (state.slow, state.outer_state),
+            new_slow, new_outer_state, new_stats = jax.lax.cond(
+                sync, lambda: slow_step(inner_updates), lambda: unchanged
             )
 
         def new_update(slow, p, u):  # moves p onto the new slow weights at a sync (note 2)
@@ -440,6 +464,7 @@ def lookahead(
             cycle_start=cycle_start,
             adaptive=adaptive,
             outer_state=new_outer_state,
+            sync_stats=new_stats,
         )
         return new_updates, new_state
 

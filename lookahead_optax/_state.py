@@ -39,6 +39,8 @@ class LookaheadState(NamedTuple):
       outer_state: With ``outer=...``, the outer optimizer's state (initialised
         on the slow weights, so in their dtype); updated on sync calls only.
         ``None`` with ``alpha``.
+      sync_stats: With ``workers`` or ``axis_name``, a :class:`SyncStats` of the
+        latest sync (zeros before the first); ``None`` otherwise.
     """
 
     inner_state: optax.OptState
@@ -49,6 +51,24 @@ class LookaheadState(NamedTuple):
     cycle_start: optax.OptState = None
     adaptive: AdaptiveAlphaState | None = None
     outer_state: optax.OptState = None
+    sync_stats: SyncStats | None = None
+
+
+class SyncStats(NamedTuple):
+    r"""What the latest sync of many workers saw: log these.
+
+    Attributes:
+      pseudo_gradient_norm: The global L2 norm of the averaged pseudo-gradient
+        :math:`\Delta = \phi - \mathrm{mean}_w \theta_w` (float32 scalar).
+      worker_drift: Per worker, the L2 norm of its distance to the workers'
+        mean, :math:`\lVert \theta_w - \mathrm{mean}_v \theta_v \rVert`: how far
+        the workers drifted apart during the cycle (float32, shape ``(N,)``
+        with ``workers=N``; with ``axis_name``, the root mean square over the
+        workers, the same scalar on every worker).
+    """
+
+    pseudo_gradient_norm: Array
+    worker_drift: Array
 
 
 class SyncHint:

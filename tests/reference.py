@@ -454,14 +454,14 @@ class LogisticQuadratic:
 
 
 
-def diloco_trajectory(params0, grad_fns, inner, k: int, outer, num_steps: int):
+def diloco_trajectory(params0, grad_fns, inner, k: int, outer, num_steps: int, stats=None):
     """Many workers (DiLoCo): :class:`Lookahead`'s sync with the workers' mean pseudo-gradient.
 
     Worker w starts at ``params0``, takes inner steps with its own ``grad_fns[w]`` and
     its own copy of the inner state; at calls k, 2k, ... Delta = phi - mean_w theta_w,
     one ``outer`` step (``SGD(alpha)`` is Lookahead's), and every worker restarts at
     the new phi. Returns ``(fast, slow)``: per step, the list of every worker's params,
-    and phi.
+    and phi. ``stats``, a list, receives per sync ``(|Delta|, [|theta_w - mean theta|])``.
     """
     workers = len(grad_fns)
     slow = _as_f64(params0)
@@ -474,7 +474,12 @@ def diloco_trajectory(params0, grad_fns, inner, k: int, outer, num_steps: int):
             updates, inner_states[w] = inner.step(grad_fns[w](fast[w]), inner_states[w], fast[w])
             fast[w] = [p + u for p, u in zip(fast[w], updates)]
         if step % k == 0:
-            delta = [s - np.mean([f[i] for f in fast], axis=0) for i, s in enumerate(slow)]
+            mean = [np.mean([f[i] for f in fast], axis=0) for i in range(len(slow))]
+            delta = [s - m for s, m in zip(slow, mean)]
+            if stats is not None:
+                drift = [np.sqrt(sum(np.sum((f[i] - m) ** 2) for i, m in enumerate(mean)))
+                         for f in fast]  # fmt: skip
+                stats.append((np.sqrt(sum(np.sum(d**2) for d in delta)), drift))
             outer_updates, outer_state = outer.step(delta, outer_state, slow)
             slow = [s + u for s, u in zip(slow, outer_updates)]
             fast = [[s.copy() for s in slow] for _ in range(workers)]

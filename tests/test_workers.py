@@ -91,6 +91,28 @@ def test_workers_match_the_reference(outer_name, fused):
         np.testing.assert_allclose(params["w"][w], state.slow["w"], rtol=2e-7, atol=1e-9)
 
 
+def test_sync_stats_are_the_pseudo_gradient_norm_and_the_worker_drift():
+    tx = lo.lookahead(optax.sgd(0.1, momentum=0.5), k=K, workers=WORKERS, alpha=0.5)
+    history = run(tx)
+    stats = []
+    ref.diloco_trajectory(
+        PROBLEM.leaves0(), [worker_grad_fn(o) for o in TARGETS], ref.Momentum(0.1, 0.5), K,
+        ref.SGD(0.5), STEPS, stats=stats,
+    )  # fmt: skip
+    _, state = history[0]  # before the first sync: zeros
+    assert float(state.sync_stats.pseudo_gradient_norm) == 0.0
+    for sync, (norm, drift) in enumerate(stats, start=1):
+        _, state = history[sync * K - 1]
+        np.testing.assert_allclose(state.sync_stats.pseudo_gradient_norm, norm, rtol=1e-5)
+        np.testing.assert_allclose(state.sync_stats.worker_drift, drift, rtol=1e-4)
+        assert state.sync_stats.worker_drift.shape == (WORKERS,)
+        assert min(drift) > 0  # the workers did drift apart
+    _, after = history[K]  # a non-sync step keeps the last sync's stats
+    for a, b in zip(after.sync_stats, history[K - 1][1].sync_stats):
+        np.testing.assert_array_equal(a, b)
+    assert lo.lookahead(optax.sgd(0.1), k=2).init(initial_params()).sync_stats is None
+
+
 def test_shared_state_has_no_worker_axis_and_inner_states_do():
     tx = lo.lookahead(
         optax.adam(0.1), k=K, workers=WORKERS, outer=optax.sgd(0.7, momentum=0.9)
@@ -258,7 +280,9 @@ def test_a_bf16_communication_dtype_halves_the_sync_bytes():
             r"\[0\] : \(tensor<(\d+)x([0-9x]*?)x?(bf16|f32)>",
             lowered,
         )
-        reductions[dtype] = found
+        # Keep the reductions of the worker axis (leading dim N); the sync statistics' norms
+        # reduce other axes.
+        reductions[dtype] = [f for f in found if int(f[0]) == WORKERS]
     for dtype, element in ((None, "f32"), (jnp.bfloat16, "bf16")):
         found = reductions[dtype]
         assert {f[2] for f in found} == {element}
