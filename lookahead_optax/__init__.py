@@ -7,7 +7,7 @@ from lookahead_optax._fused import fused_path_taken, update_and_apply
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._slow import slow_params
 from lookahead_optax._state import LookaheadState, SyncStats
-from lookahead_optax._workers import replicate
+from lookahead_optax._workers import replicate, resize_workers
 
 __version__ = "0.3.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "fused_path_taken",
     "check_composition",
     "replicate",
+    "resize_workers",
     "nnx_slow_model",
     "nnx_update_batch_stats",
     "abstract_opt_state",
