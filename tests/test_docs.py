@@ -1,0 +1,161 @@
+"""The documentation site (docs/): it builds without a warning, documents every public name, and
+every ```python block of its pages runs as printed.
+
+Code blocks follow the README's convention (tests/test_readme.py, whose parser is reused): each
+block runs in a fresh namespace, except those the paragraph right before introduces with
+"Continues the previous block.", which run after it. The build is `sphinx-build -W --keep-going`,
+so a broken cross-reference, a docstring napoleon cannot parse, a page outside every toctree or
+a missing image fails it; the notebooks are rendered from their committed outputs, not run.
+"""
+
+import ast
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+import lookahead_optax as lo
+from tests.test_readme import CONTINUES, free_names, python_chains
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+# Pages written in Markdown whose code blocks are examples (the API page and the changelog
+# hold none of their own).
+REFERENCE_PAGES = {"api.md", "changelog.md"}
+GUIDE_PAGES = sorted(p.name for p in DOCS.glob("*.md") if p.name not in REFERENCE_PAGES)
+AUTODOC = re.compile(r"^\.\. auto(?:function|class|data|exception)::\s+(\S+)", re.MULTILINE)
+
+
+def page_chains():
+    """(page, chain) for every chain of ```python blocks of every guide page."""
+    return [
+        (page, chain) for page in GUIDE_PAGES for chain in python_chains((DOCS / page).read_text())
+    ]
+
+
+CHAINS = page_chains()
+
+
+def documented_names():
+    """The names the API page passes to autodoc, in order."""
+    return [
+        name.removeprefix("lookahead_optax.")
+        for name in AUTODOC.findall((DOCS / "api.md").read_text())
+    ]
+
+
+def test_the_api_page_documents_exactly_the_public_names():
+    """A name added to lookahead_optax.__all__ without an entry in docs/api.md fails here (and an
+    entry for a name that is no longer public, too)."""
+    names = documented_names()
+    assert len(names) == len(set(names)), f"documented twice: {names}"
+    assert set(names) == set(lo.__all__), (
+        f"missing from docs/api.md: {sorted(set(lo.__all__) - set(names))}; "
+        f"not public: {sorted(set(names) - set(lo.__all__))}"
+    )
+
+
+def test_the_guide_pages_hold_examples_and_use_the_convention():
+    assert {"getting_started.md", "semantics.md", "flax_orbax.md", "multi_device.md"} <= set(
+        GUIDE_PAGES
+    )
+    text = (DOCS / "getting_started.md").read_text()
+    assert CONTINUES in " ".join(text.split())  # stated where a reader starts
+    assert len(CHAINS) >= 15, "the guide pages lost their examples"
+    assert any(len(chain) > 1 for _, chain in CHAINS)
+    for page in GUIDE_PAGES:  # only code blocks are fenced with backticks: directives use :::
+        for language in re.findall(r"^```(\S*)", (DOCS / page).read_text(), re.MULTILINE):
+            assert language in {"", "python", "bash"}, f"docs/{page}: ```{language}"
+
+
+def test_every_notebook_is_in_the_docs():
+    """docs/notebooks/ links every notebook of notebooks/ (rendered with committed outputs)."""
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    linked = sorted(p.name for p in (DOCS / "notebooks").glob("*.ipynb"))
+    assert notebooks == linked
+    for name in linked:
+        assert (DOCS / "notebooks" / name).resolve() == (ROOT / "notebooks" / name).resolve()
+
+
+def missing_modules(code):
+    """Top-level modules a block imports that are not installed (flax, orbax, ...)."""
+    modules = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.add(node.module.split(".")[0])
+    return sorted(m for m in modules if importlib.util.find_spec(m) is None)
+
+
+@pytest.mark.parametrize(
+    "page,chain", CHAINS, ids=[f"docs/{page}:{chain[0][0]}" for page, chain in CHAINS]
+)
+def test_python_blocks_run_as_printed(page, chain):
+    """As for the README: a standalone block runs in a fresh namespace, every block marked as
+    continuing runs after the one before it, and each example asserts something."""
+    for line, code, continues in chain:
+        if continues:
+            assert free_names(code), f"docs/{page} line {line}: marked but needs nothing earlier"
+    assert any("assert " in code for _, code, _ in chain), (
+        f"the example at docs/{page} line {chain[0][0]} checks nothing"
+    )
+    missing = sorted({m for _, code, _ in chain for m in missing_modules(code)})
+    if missing:  # only without the extras (.ci/floors' core check); CI installs them
+        pytest.skip(f"not installed: {missing}")
+    namespace = {"__name__": "__main__"}
+    for line, code, _ in chain:
+        try:
+            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(
+                f"the ```python block at docs/{page} line {line} failed"
+            ) from error
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """docs/ built to HTML with warnings as errors, in a fresh process and output directory."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    out = tmp_path_factory.mktemp("docs") / "html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", DOCS, out],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"sphinx-build failed:\n{result.stdout}\n{result.stderr}"
+    return out
+
+
+@pytest.mark.slow
+def test_docs_build_without_warnings_and_reference_every_public_name(built_site):
+    from sphinx.util.inventory import InventoryFile
+
+    with open(built_site / "objects.inv", "rb") as f:
+        inventory = InventoryFile.load(f, "", lambda base, uri: uri)
+    objects = {name for kind in inventory.values() for name in kind}
+    api = (built_site / "api.html").read_text()
+    for name in lo.__all__:
+        assert f"lookahead_optax.{name}" in objects, (
+            f"lookahead_optax.{name} has no reference entry"
+        )
+        assert f'id="lookahead_optax.{name}"' in api
+
+
+@pytest.mark.slow
+def test_every_page_is_reachable_from_the_index(built_site):
+    """The index links every guide page, the notebooks, the API reference and the changelog, and
+    the notebooks come with their committed outputs (figures)."""
+    index = (built_site / "index.html").read_text()
+    pages = [p.stem for p in DOCS.glob("*.md") if p.name != "index.md"]
+    pages += [f"notebooks/{p.stem}" for p in (DOCS / "notebooks").glob("*.ipynb")]
+    for page in pages:
+        assert f'href="{page}.html"' in index, f"{page} is not linked from the index"
+    for notebook in (DOCS / "notebooks").glob("*.ipynb"):
+        assert "<img" in (built_site / "notebooks" / f"{notebook.stem}.html").read_text()
