@@ -167,6 +167,36 @@ def test_learning_rate_schedule_of_the_inner_optimizer(policy):
         assert gap > 1e-3
 
 
+def test_pullback_moves_the_params_shaped_leaves_only():
+    """An injected, scheduled learning rate is a float scalar of the inner state, not a
+    params-shaped leaf: pullback leaves it at its end-of-cycle value, moves the trace."""
+    inner = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=optax.linear_schedule(0.3, 0.1, 6), momentum=0.9
+    )
+    tx = lo.lookahead(inner, k=K, alpha=0.6, inner_state="pullback")
+    got = library_trajectory(tx, PARAMS0, PROBLEM.loss, NUM_STEPS)
+    # The inner step is optax's own (helpers.JaxInner): the test is about which leaves
+    # Lookahead's pullback interpolates. InjectHyperparamsState(count, hyperparams,
+    # inner_state): the trace lives under inner_state.
+    reference_inner = helpers.JaxInner(inner, jax.tree.structure(PARAMS0))
+    lookahead = reference.Lookahead(
+        reference_inner, K, 0.6, "pullback", reference.under(("inner_state",))
+    )
+    expected = reference.run(lookahead, PROBLEM.leaves0(), PROBLEM.grad, NUM_STEPS)
+    for (params, slow, opt_state), step in zip(got, expected, strict=True):
+        _close(params, step.params, atol=1e-5)
+        _close(slow, step.state.slow, atol=1e-5)
+        state, state_ref = opt_state.inner_state, step.state.inner
+        np.testing.assert_allclose(
+            state.hyperparams["learning_rate"], state_ref.hyperparams["learning_rate"], rtol=1e-6
+        )
+        _close(state.inner_state[0].trace, jax.tree.leaves(state_ref.inner_state), atol=1e-5)
+        assert int(state.count) == int(state_ref.count)
+    # Guard: interpolating the learning rate too would have changed it at the syncs.
+    cycle_start_lr, end_lr = 0.3 - 0.2 * (K - 1) / 6, 0.3 - 0.2 * (2 * K - 1) / 6
+    assert abs(0.6 * (end_lr - cycle_start_lr)) > 1e-3
+
+
 # --- states with bool, integer and PRNG-key leaves -------------------------------------------
 
 
