@@ -154,6 +154,7 @@ def _shapes(tree: Any) -> list[tuple]:
 
 def check_workers(workers: Any, axis_name: Any, communication_dtype: Any, alpha: Any) -> None:
     if workers is not None:
+        _check_static("workers", workers)
         is_int = isinstance(workers, numbers.Integral) and not isinstance(workers, (bool, np.bool_))
         if not is_int or int(workers) < 1:
             raise ValueError(f"workers must be a positive int or None, got {workers!r}")
@@ -171,6 +172,34 @@ def check_workers(workers: Any, axis_name: Any, communication_dtype: Any, alpha:
             raise ValueError("communication_dtype needs workers=N or axis_name")
 
 
+def _check_static(name: str, value: Any) -> None:
+    if is_traced(value):
+        raise ValueError(
+            f"{name} must be a Python int, got a traced value: under optax.inject_hyperparams "
+            f"pass static_args=('{name}',)"
+        )
+
+
+def check_fragments(fragments: Any, k: Any, alpha: Any, policy: str) -> None:
+    if fragments is None:
+        return
+    _check_static("fragments", fragments)
+    is_int = isinstance(fragments, numbers.Integral) and not isinstance(fragments, (bool, np.bool_))
+    if not is_int or int(fragments) < 1:
+        raise ValueError(f"fragments must be a positive int, got {fragments!r}")
+    if fragments == 1:
+        return
+    if not is_traced(k) and int(k) % int(fragments) != 0:
+        raise ValueError(
+            f"k must be a multiple of fragments (fragment j syncs at step (j + 1) k / fragments "
+            f"of each cycle): got k={k!r}, fragments={fragments!r}"
+        )
+    if policy != "keep" or isinstance(alpha, AdaptiveAlpha):
+        raise ValueError(
+            'fragments > 1 supports inner_state="keep" and a fixed alpha or an outer optimizer'
+        )
+
+
 def check_worker_axis(leaf: Any, workers: int) -> None:
     shape = np.shape(leaf)
     if not shape or shape[0] != workers:
@@ -183,7 +212,9 @@ def check_worker_axis(leaf: Any, workers: int) -> None:
 def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None) -> None:
     """params and grads must have the structure and leaf shapes the state was made for."""
     if params is None:
-        raise ValueError("lookahead's update needs params: call tx.update(grads, opt_state, params)")
+        raise ValueError(
+            "lookahead's update needs params: call tx.update(grads, opt_state, params)"
+        )
     expected = jax.tree.structure(slow, is_leaf=is_masked)
     for name, tree in (("params", params), ("grads (updates)", updates)):
         structure = jax.tree.structure(tree, is_leaf=is_masked)

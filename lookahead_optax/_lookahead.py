@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array
 
@@ -85,7 +86,29 @@ def _floats_only(tree: Any) -> Any:
     return jax.tree.map(lambda x: x if _checks.is_inexact(x) else optax.MaskedNode(), tree)
 
 
-def _per_worker(inner: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+def _fragment_trees(tree: Any, fragments: int) -> list[Any]:
+    """``tree`` split into ``fragments`` trees of contiguous floating leaves (about equal
+    sizes, in tree order); each holds ``optax.MaskedNode`` where the others' leaves are."""
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [int(np.prod(np.shape(x))) if _checks.is_inexact(x) else 0 for x in leaves]
+    total, start, owner = max(sum(sizes), 1), 0, []
+    for size in sizes:
+        owner.append(min(fragments - 1, int(fragments * (start + size / 2) / total)))
+        start += size
+    return [
+        treedef.unflatten(
+            [
+                x if o == j and size else optax.MaskedNode()
+                for x, o, size in zip(leaves, owner, sizes)
+            ]
+        )
+        for j in range(fragments)
+    ]
+
+
+def _per_worker(
+    inner: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
     """``inner`` on every worker: vmapped over the leading axis of params, grads and state.
 
     Extra arguments of ``update`` reach every worker unchanged. A global-norm clip or
@@ -147,6 +170,7 @@ def lookahead(
     workers: int | None = None,
     axis_name: Any = None,
     communication_dtype: jax.typing.DTypeLike | None = None,
+    fragments: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookahead: k fast steps of ``inner``, then one slow step back.
 
@@ -234,6 +258,15 @@ def lookahead(
         averages the pseudo-gradient with ``lax.pmean(..., axis_name)``.
       communication_dtype: The dtype the pseudo-gradient is averaged in (e.g.
         ``jnp.bfloat16``: half the bytes of float32); default the slow dtype.
+      fragments: Streaming DiLoCo (Douillard et al. 2025; default None: one
+        fragment, everything syncs together): the floating leaves
+        split into this many contiguous groups of about equal size (in tree
+        order); fragment j syncs, with its own outer state, at step
+        ``(j + 1) k / fragments`` of every cycle, so one sync moves about
+        ``1 / fragments`` of the bytes and the total stays. ``k`` must be a
+        multiple of it. With more than one fragment there is no single sync
+        decision, so ``update_and_apply`` takes the ``tx.update`` path, and
+        ``sync_stats`` describes the latest fragment's sync.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -293,6 +326,8 @@ def lookahead(
         _checks.check_outer(outer, alpha, inner_state)
         outer = optax.with_extra_args_support(outer)
     _checks.check_workers(workers, axis_name, communication_dtype, alpha)
+    _checks.check_fragments(fragments, k, alpha, inner_state)
+    fragments = 1 if fragments is None else int(fragments)
     policy = inner_state
     inner = optax.with_extra_args_support(inner)
     # Per-worker inner optimizer: params, grads and inner states carry a leading worker axis.
@@ -317,6 +352,24 @@ def lookahead(
         if workers is not None:
             drift = _shard_worker_axis_like(drift, params)
         return SyncStats(jnp.zeros([], jnp.float32), drift)
+
+    def sync_stats(per_worker, delta, like: SyncStats) -> SyncStats:
+        """The norm of Delta and each worker's distance to the mean, for SyncStats."""
+
+        def squares(x, axes):
+            return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
+
+        norm = jnp.sqrt(sum(squares(d, None) for d in jax.tree.leaves(delta)))
+        if workers is not None:  # per worker: a local reduction over its own axes
+            drift = sum(
+                squares(w - d, tuple(range(1, w.ndim)))
+                for w, d in zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta))
+            )
+        else:  # the mean over workers: one scalar all-reduce, and the same on every worker
+            pairs = zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta))
+            drift = jax.lax.pmean(sum(squares(w - d, None) for w, d in pairs), axis_name)
+        new = SyncStats(norm, jnp.sqrt(drift))
+        return _policies.match_types(new, like)
 
     def init_fn(params: optax.Params) -> LookaheadState:
         # A real copy (not an alias of params) so params and state can both be
@@ -345,7 +398,13 @@ def lookahead(
                 else None
             ),
             adaptive=(alpha.init(params, inner_init) if isinstance(alpha, AdaptiveAlpha) else None),
-            outer_state=None if outer is None else outer.init(_floats_only(slow)),
+            outer_state=(
+                None
+                if outer is None
+                else outer.init(_floats_only(slow))
+                if fragments == 1
+                else tuple(outer.init(part) for part in _fragment_trees(slow, fragments))
+            ),
             sync_stats=initial_stats(params),
         )
 
@@ -353,6 +412,8 @@ def lookahead(
         _checks.check_state(state)
         _checks.check_trees(updates, params, state.slow, workers)
         hint = extra_args.pop(HINT_KEY, None)  # never forwarded to the inner optimizer
+        if fragments > 1:  # several syncs per cycle: no single static decision to take
+            return streaming_body(updates, state, params, extra_args)
         if isinstance(hint, SyncHint) and hint.count is state.count:
             hint.taken = True
             return update_body(updates, state, params, hint.sync, extra_args)
@@ -382,7 +443,7 @@ def lookahead(
         step_alpha = None if outer is not None else jnp.asarray(step_alpha)
 
         def worker_pseudo_gradient(u, p, slow):
-            """phi - theta_k, theta_k = params + the inner update, in the slow dtype (per worker)."""
+            """phi - theta_k (theta_k = params + the inner update), per worker, slow dtype."""
             if not _checks.is_inexact(slow):
                 return optax.MaskedNode()  # not synced
             u = jnp.asarray(u)  # Python-float updates of Python-float params
@@ -392,7 +453,11 @@ def lookahead(
             """The sync: (new slow weights, new outer state, sync stats)."""
             per_worker = jax.tree.map(worker_pseudo_gradient, inner_updates, params, state.slow)
             delta = jax.tree.map(average_over_workers, per_worker)  # Delta, shared
-            stats = None if state.sync_stats is None else sync_stats(per_worker, delta)
+            stats = (
+                None
+                if state.sync_stats is None
+                else sync_stats(per_worker, delta, state.sync_stats)
+            )
             if outer is None:  # Algorithm 1: phi <- phi + alpha (theta_k - phi) = phi - alpha Delta
                 return jax.tree.map(
                     lambda s, d: s if _checks.is_masked(d) else s - step_alpha.astype(s.dtype) * d,
@@ -405,22 +470,6 @@ def lookahead(
             moved = jax.tree.map(lambda s, u: s + u.astype(s.dtype), slow, outer_updates)
             merged = jax.tree.map(lambda s, m: s if _checks.is_masked(m) else m, state.slow, moved)
             return merged, _policies.match_types(outer_state, state.outer_state), stats
-
-        def sync_stats(per_worker, delta) -> SyncStats:
-            def squares(x, axes):
-                return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
-
-            norm = jnp.sqrt(sum(squares(d, None) for d in jax.tree.leaves(delta)))
-            if workers is not None:  # per worker: a local reduction over its own axes
-                drift = sum(
-                    squares(w - d, tuple(range(1, w.ndim)))
-                    for w, d in zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta))
-                )
-            else:  # the mean over workers: one scalar all-reduce, and the same on every worker
-                pairs = zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta))
-                drift = jax.lax.pmean(sum(squares(w - d, None) for w, d in pairs), axis_name)
-            new = SyncStats(norm, jnp.sqrt(drift))
-            return _policies.match_types(new, state.sync_stats)
 
         unchanged = (state.slow, state.outer_state, state.sync_stats)
         if not traced:  # note 5
@@ -467,6 +516,93 @@ def lookahead(
             sync_stats=new_stats,
         )
         return new_updates, new_state
+
+    def streaming_body(updates, state, params, extra_args):
+        """Streaming DiLoCo: fragment j of the params syncs at step (j + 1) period / P of a cycle.
+
+        Each fragment's sync is the usual one (notes 1 and 3) restricted to its leaves,
+        with its own outer state, so one step communicates about 1/P of the params.
+        """
+        params = jax.tree.map(jnp.asarray, params)
+        count = state.count + 1
+        wrap = count >= state.period
+        step_alpha = None if outer is not None else jnp.asarray(
+            alpha(state.syncs) if callable(alpha) else alpha
+        )  # fmt: skip
+
+        def inner_step(inner_state=state.inner_state):
+            return stepper.update(updates, inner_state, params, **extra_args)
+
+        def fragment_sync(j, inner_updates):
+            mine = _fragment_trees(state.slow, fragments)[j]
+            per_worker = jax.tree.map(
+                lambda s, u, p: s if _checks.is_masked(s)
+                else s - (p.astype(s.dtype) + jnp.asarray(u).astype(s.dtype)),
+                mine, inner_updates, params, is_leaf=_checks.is_masked,
+            )  # fmt: skip
+            delta = jax.tree.map(average_over_workers, per_worker)
+            stats = (
+                None
+                if state.sync_stats is None
+                else sync_stats(per_worker, delta, state.sync_stats)
+            )
+            if outer is None:
+                return jax.tree.map(
+                    lambda s, d: s - step_alpha.astype(s.dtype) * d, mine, delta
+                ), state.outer_state, stats  # fmt: skip
+            outer_updates, outer_state_j = outer.update(delta, state.outer_state[j], mine)
+            moved = jax.tree.map(lambda s, u: s + u.astype(s.dtype), mine, outer_updates)
+            outer_state = list(state.outer_state)
+            outer_state[j] = _policies.match_types(outer_state_j, state.outer_state[j])
+            return moved, tuple(outer_state), stats
+
+        new_slow, new_outer_state, new_stats = state.slow, state.outer_state, state.sync_stats
+        gates, syncs_of_leaf = [], jax.tree.map(lambda _: None, state.slow)
+        for j in range(fragments):
+            sync_j = count == (j + 1) * (state.period // fragments)
+            moved, new_outer_state, new_stats, gate = jax.lax.cond(
+                sync_j,
+                lambda j=j: (*fragment_sync(j, inner_step()[0]), jnp.array(True)),
+                lambda j=j, o=new_outer_state, st=new_stats: (
+                    _fragment_trees(state.slow, fragments)[j],
+                    o,
+                    st,
+                    jnp.array(True),
+                ),
+            )
+            gates.append(gate)
+            new_slow = jax.tree.map(
+                lambda old, m: old if _checks.is_masked(m) else m, new_slow, moved,
+                is_leaf=_checks.is_masked,
+            )  # fmt: skip
+            syncs_of_leaf = jax.tree.map(
+                lambda prev, m, sj=sync_j: prev if _checks.is_masked(m) else sj, syncs_of_leaf,
+                moved, is_leaf=lambda x: x is None or _checks.is_masked(x),
+            )  # fmt: skip
+        gate = jnp.logical_and.reduce(jnp.stack(gates))
+        inner_updates, new_inner_state = inner_step(
+            jax.tree.map(lambda x: _gated(x, gate), state.inner_state)
+        )
+
+        def new_update(slow, p, u, sync):
+            if not _checks.is_inexact(p):
+                return u
+            u = jnp.asarray(u)
+            out_dtype = _promote(u.dtype, p.dtype)
+            wide = _promote(slow.dtype, p.dtype)
+            to_slow = (slow.astype(wide) - p.astype(wide)).astype(out_dtype)
+            return jnp.where(sync, to_slow, u.astype(out_dtype))
+
+        new_updates = jax.tree.map(new_update, new_slow, params, inner_updates, syncs_of_leaf)
+        return new_updates, state._replace(
+            inner_state=new_inner_state,
+            slow=new_slow,
+            count=jnp.where(wrap, 0, count).astype(jnp.int32),
+            syncs=jnp.where(wrap, optax.safe_increment(state.syncs), state.syncs),
+            period=jnp.where(wrap, jnp.asarray(k).astype(jnp.int32), state.period),
+            outer_state=new_outer_state,
+            sync_stats=new_stats,
+        )
 
     def sync_inner_state(sync, traced, new_inner_state, cycle_start, new_slow, params, step_alpha):
         """The inner-state policy at a sync (see inner_state in lookahead's docstring)."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 
 import jax
-import optax
-
 import numpy as np
+import optax
 
 from lookahead_optax._checks import is_inexact
 from lookahead_optax._state import LookaheadState

@@ -42,7 +42,9 @@ def make_optimizer():
 
 
 def loss_fn(params, inputs, targets):
-    return jnp.mean((jnp.tanh(inputs @ params["w"] + params["b"]).sum(-1, keepdims=True) - targets) ** 2)
+    return jnp.mean(
+        (jnp.tanh(inputs @ params["w"] + params["b"]).sum(-1, keepdims=True) - targets) ** 2
+    )
 
 
 def make_train_step(tx):

@@ -33,7 +33,9 @@ def make_tx(workers: int = WORKERS):
 
 
 def init_params(workers: int = WORKERS):
-    return lo.replicate(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), PROBLEM.params0), workers)
+    return lo.replicate(
+        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), PROBLEM.params0), workers
+    )
 
 
 def worker_loss(params, offset):

@@ -454,7 +454,9 @@ class LogisticQuadratic:
 
 
 
-def diloco_trajectory(params0, grad_fns, inner, k: int, outer, num_steps: int, stats=None):
+def diloco_trajectory(
+    params0, grad_fns, inner, k: int, outer, num_steps: int, stats=None, groups=None
+):
     """Many workers (DiLoCo): :class:`Lookahead`'s sync with the workers' mean pseudo-gradient.
 
     Worker w starts at ``params0``, takes inner steps with its own ``grad_fns[w]`` and
@@ -462,27 +464,37 @@ def diloco_trajectory(params0, grad_fns, inner, k: int, outer, num_steps: int, s
     one ``outer`` step (``SGD(alpha)`` is Lookahead's), and every worker restarts at
     the new phi. Returns ``(fast, slow)``: per step, the list of every worker's params,
     and phi. ``stats``, a list, receives per sync ``(|Delta|, [|theta_w - mean theta|])``.
+
+    ``groups`` (Streaming DiLoCo): lists of leaf indices, P fragments; fragment j syncs
+    only its leaves, with its own outer state, at calls (j + 1) k / P of every cycle.
     """
     workers = len(grad_fns)
     slow = _as_f64(params0)
+    groups = [list(range(len(slow)))] if groups is None else [list(g) for g in groups]
     fast = [[s.copy() for s in slow] for _ in range(workers)]
     inner_states = [inner.init(f) for f in fast]
-    outer_state = outer.init(slow)
+    outer_states = [outer.init([slow[i] for i in g]) for g in groups]
     fast_history, slow_history = [], []
     for step in range(1, num_steps + 1):
         for w in range(workers):
             updates, inner_states[w] = inner.step(grad_fns[w](fast[w]), inner_states[w], fast[w])
             fast[w] = [p + u for p, u in zip(fast[w], updates)]
-        if step % k == 0:
-            mean = [np.mean([f[i] for f in fast], axis=0) for i in range(len(slow))]
-            delta = [s - m for s, m in zip(slow, mean)]
+        for j, group in enumerate(groups):
+            if (step - (j + 1) * k // len(groups)) % k != 0:
+                continue
+            mean = {i: np.mean([f[i] for f in fast], axis=0) for i in group}
+            delta = [slow[i] - mean[i] for i in group]
             if stats is not None:
-                drift = [np.sqrt(sum(np.sum((f[i] - m) ** 2) for i, m in enumerate(mean)))
+                drift = [np.sqrt(sum(np.sum((f[i] - mean[i]) ** 2) for i in group))
                          for f in fast]  # fmt: skip
                 stats.append((np.sqrt(sum(np.sum(d**2) for d in delta)), drift))
-            outer_updates, outer_state = outer.step(delta, outer_state, slow)
-            slow = [s + u for s, u in zip(slow, outer_updates)]
-            fast = [[s.copy() for s in slow] for _ in range(workers)]
+            outer_updates, outer_states[j] = outer.step(
+                delta, outer_states[j], [slow[i] for i in group]
+            )
+            for i, u in zip(group, outer_updates):
+                slow[i] = slow[i] + u
+                for f in fast:
+                    f[i] = slow[i].copy()
         fast_history.append([[p.copy() for p in f] for f in fast])
         slow_history.append([s.copy() for s in slow])
     return fast_history, slow_history

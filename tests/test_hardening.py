@@ -120,7 +120,10 @@ FUSED = {
         True,
     ),
     "apply_if_finite": (lambda: optax.apply_if_finite(lo.lookahead(optax.sgd(LR), k=2), 3), True),
-    "masked": (lambda: optax.masked(lo.lookahead(optax.sgd(LR), k=2), {"w": True, "v": False}), True),
+    "masked": (
+        lambda: optax.masked(lo.lookahead(optax.sgd(LR), k=2), {"w": True, "v": False}),
+        True,
+    ),
     "nested lookaheads": (lambda: lo.lookahead(lo.lookahead(optax.sgd(LR), k=2), k=3), True),
     "MultiSteps": (lambda: optax.MultiSteps(lo.lookahead(optax.sgd(LR), k=2), 2), False),
     "two lookaheads": (_two_lookaheads, False),
@@ -136,6 +139,7 @@ def test_which_compositions_take_the_fused_path(name):
     params = {"w": jnp.array([1.0, -2.0]), "v": jnp.array([0.5])}
     opt_state = tx.init(params)
     assert lo.fused_path_taken(tx, params, opt_state, params) is expected
+
     # The fallback is exactly the two calls; the fused path is another program.
     def two_calls(p, s):
         updates, s = tx.update(p, s, p)
@@ -183,7 +187,10 @@ def test_pullback_keeps_an_injected_learning_rate_the_user_set():
     for _ in range(4):
         updates, keep_state = keep.update(p, keep_state, p)
         p = optax.apply_updates(p, updates)
-    trace, keep_trace = opt_state.inner_state.inner_state[0].trace, keep_state.inner_state.inner_state[0].trace
+    trace, keep_trace = (
+        opt_state.inner_state.inner_state[0].trace,
+        keep_state.inner_state.inner_state[0].trace,
+    )
     assert not np.allclose(trace["w"], keep_trace["w"])
 
 
@@ -206,7 +213,9 @@ def test_reset_keeps_the_schedule_and_restarts_the_moments():
     assert int(schedule_state.count) == 7  # the learning rate keeps decaying across syncs
     assert int(adam_state.count) == 1  # Adam restarted at the sync after step 6
     # Injected hyperparameters the user changed survive a reset.
-    tx = lo.lookahead(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), k=2, inner_state="reset")
+    tx = lo.lookahead(
+        optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), k=2, inner_state="reset"
+    )
     opt_state = tx.init(params)
     opt_state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.01, jnp.float32)
     for _ in range(4):
@@ -225,7 +234,9 @@ MISUSE = {
     "clip after": optax.chain(lo.lookahead(optax.sgd(10.0), k=3), optax.clip(1e-3)),
 }
 GOOD = {
-    "inside": lo.lookahead(optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(0.1)), k=3),
+    "inside": lo.lookahead(
+        optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(0.1)), k=3
+    ),
     "clip before": optax.chain(optax.clip_by_global_norm(1.0), lo.lookahead(optax.adam(0.1), k=3)),
     "decay inside": lo.lookahead(optax.adamw(0.1, weight_decay=1e-2), k=3),
     "MultiSteps around": optax.MultiSteps(lo.lookahead(optax.sgd(LR), k=3), every_k_schedule=3),
@@ -382,9 +393,11 @@ def test_a_changed_k_takes_effect_from_the_next_cycle(fused):
     opt_state = tx.init(params)
     sync_steps = []
     step = jax.jit(
-        lambda p, s: lo.update_and_apply(tx, p, s, p)
-        if fused
-        else (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(p, s, p))
+        lambda p, s: (
+            lo.update_and_apply(tx, p, s, p)
+            if fused
+            else (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(p, s, p))
+        )
     )
     for n in range(1, 10):
         if n == 2:  # in the middle of the first cycle

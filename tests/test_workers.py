@@ -114,9 +114,7 @@ def test_sync_stats_are_the_pseudo_gradient_norm_and_the_worker_drift():
 
 
 def test_shared_state_has_no_worker_axis_and_inner_states_do():
-    tx = lo.lookahead(
-        optax.adam(0.1), k=K, workers=WORKERS, outer=optax.sgd(0.7, momentum=0.9)
-    )
+    tx = lo.lookahead(optax.adam(0.1), k=K, workers=WORKERS, outer=optax.sgd(0.7, momentum=0.9))
     state = tx.init(lo.replicate(initial_params(), WORKERS))
     assert state.slow["w"].shape == (3,)
     assert state.outer_state[0].trace["w"].shape == (3,)
@@ -163,9 +161,7 @@ def test_axis_name_in_shard_map_equals_workers():
         return jax.tree.map(lambda *xs: jnp.stack(xs)[None], *history)
 
     spec = PartitionSpec("workers")
-    mapped = jax.jit(
-        jax.shard_map(local_steps, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
-    )
+    mapped = jax.jit(jax.shard_map(local_steps, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
     sharding = NamedSharding(mesh, spec)
     stacked = jax.device_put(lo.replicate(initial_params(), WORKERS), sharding)
     with jax.set_mesh(mesh):
@@ -255,7 +251,9 @@ def _reachable(computations: dict[str, str], root: str) -> str:
         seen.add(name)
         text = computations[name]
         texts.append(text)
-        stack += re.findall(r"(?:calls|to_apply|branch_computations=\{|body|condition)=?%?([\w.\-]+)", text)
+        stack += re.findall(
+            r"(?:calls|to_apply|branch_computations=\{|body|condition)=?%?([\w.\-]+)", text
+        )
         for group in re.findall(r"branch_computations=\{([^}]*)\}", text):
             stack += [n.strip().lstrip("%") for n in group.split(",")]
     return "\n".join(texts)
@@ -311,3 +309,94 @@ def test_params_without_the_worker_axis_are_named():
     tx = lo.lookahead(optax.sgd(0.1), k=2, workers=3)
     with pytest.raises(ValueError, match=r"leading worker axis of size 3.*replicate"):
         tx.init({"w": jnp.ones(2)})
+
+
+# ---- Streaming DiLoCo: fragments synced at staggered steps ----
+
+# The split is contiguous in tree order and balanced by size: leaves [b (1), head.q (4),
+# w (3)] -> fragments [b, q] and [w]; fragment 0 syncs at step 2 of each 4, fragment 1 at 4.
+GROUPS = [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fragments_match_the_streaming_reference(fused):
+    k = 4
+    tx = lo.lookahead(
+        optax.sgd(0.1, momentum=0.5), k=k, workers=WORKERS, fragments=2,
+        outer=optax.sgd(0.7, momentum=0.9, nesterov=True),
+    )  # fmt: skip
+    history = run(tx, fused, steps=9)
+    fast, slow = ref.diloco_trajectory(
+        PROBLEM.leaves0(), [worker_grad_fn(o) for o in TARGETS], ref.Momentum(0.1, 0.5), k,
+        ref.NesterovSGD(0.7, 0.9), 9, groups=GROUPS,
+    )  # fmt: skip
+    for step, ((params, state), f, s) in enumerate(zip(history, fast, slow), start=1):
+        for w in range(WORKERS):
+            for got, want in zip(jax.tree.leaves(params), f[w]):
+                np.testing.assert_allclose(got[w], want, rtol=1e-5, atol=1e-6, err_msg=f"{step}")
+        for got, want in zip(jax.tree.leaves(lo.slow_params(state, params)), s):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+    assert int(history[-1][1].syncs) == 2  # full cycles
+    assert len(history[-1][1].outer_state) == 2  # an outer state per fragment
+
+
+def test_fragments_cut_the_peak_bytes_of_a_sync_and_keep_the_total():
+    devices = 8
+    mesh = jax.make_mesh((devices,), ("workers",), axis_types=(AxisType.Explicit,))
+    sharding = NamedSharding(mesh, PartitionSpec("workers"))
+    params = jax.device_put(lo.replicate(initial_params(), devices), sharding)
+    per_branch = {}
+    for fragments in (1, 2):
+        tx = lo.lookahead(
+            optax.adam(0.05), k=4, workers=devices, fragments=fragments,
+            outer=optax.sgd(0.7, momentum=0.9, nesterov=True),
+        )  # fmt: skip
+        opt_state = jax.jit(tx.init)(params)
+
+        def step(params, opt_state, grads, tx=tx):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(step).lower(params, opt_state, params).compile().as_text()
+        computations = _computations(hlo)
+        sizes = []
+        for names in re.findall(r"branch_computations=\{([^}]*)\}", hlo):
+            for name in names.split(","):
+                sizes.append(
+                    sum(_all_reduce_bytes(_reachable(computations, name.strip().lstrip("%"))))
+                )
+        per_branch[fragments] = sorted(b for b in sizes if b)
+    params_bytes = 4 * sum(p.size for p in jax.tree.leaves(initial_params()))
+    assert per_branch[1] == [params_bytes]
+    assert per_branch[2] == [3 * 4, 5 * 4]  # [w] and [b, head.q]: peak 20 of 32 bytes
+    assert sum(per_branch[2]) == params_bytes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(k=5, fragments=2), "k must be a multiple of fragments"),
+        (dict(k=4, fragments=0), "fragments must be a positive int"),
+        (
+            dict(k=4, fragments=2, inner_state="pullback"),
+            'fragments > 1 supports inner_state="keep"',
+        ),
+    ],
+)
+def test_bad_fragments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lo.lookahead(optax.sgd(0.1), workers=2, **kwargs)
+
+
+def test_workers_under_inject_hyperparams_must_be_static():
+    params = lo.replicate(initial_params(), 2)
+    tx = optax.inject_hyperparams(lo.lookahead)(optax.sgd(0.1), k=2, workers=2)
+    with pytest.raises(
+        ValueError, match=r"workers must be a Python int.*static_args=\('workers',\)"
+    ):
+        tx.init(params)
+    tx = optax.inject_hyperparams(lo.lookahead, static_args=("workers",))(
+        optax.sgd(0.1), k=2, workers=2
+    )
+    assert tx.init(params).inner_state.slow["w"].shape == (3,)

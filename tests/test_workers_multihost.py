@@ -42,8 +42,9 @@ def _run(out_dir: str) -> tuple[bool, str]:
             command = [sys.executable, worker.__file__, str(process_id),
                        str(worker.NUM_PROCESSES), port, out_dir]  # fmt: skip
             processes.append(
-                subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                subprocess.Popen(
+                    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )  # fmt: skip
             )
         for process_id, process in enumerate(processes):
             output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1.0))
@@ -86,7 +87,7 @@ def test_workers_on_two_processes_match_one_device(tmp_path):
         # Between syncs nothing crosses processes: every collective sits in a conditional's
         # branch computation (the sync), none in the step's entry computation.
         hlo = (tmp_path / f"hlo_{process_id}.txt").read_text()
-        entry = hlo[hlo.index("ENTRY"):]
+        entry = hlo[hlo.index("ENTRY") :]
         entry = entry[: entry.index("\n}\n")]
         assert _COLLECTIVE.search(hlo), "the sync communicates"
         assert not _COLLECTIVE.search(entry), "a collective outside the sync"
