@@ -104,7 +104,8 @@ def check_alpha(alpha: Any) -> None:
         for j in (0, 1):
             try:
                 value = alpha(jnp.asarray(j, jnp.int32))
-            except Exception as error:  # noqa: BLE001: any failure means "not a schedule"
+            # Any failure means "not a schedule".
+            except Exception as error:  # noqa: BLE001
                 raise ValueError(f"{allowed}; alpha({j}) raised {error!r}") from error
             if is_traced(value):
                 return
@@ -173,10 +174,10 @@ def check_workers(workers: Any, axis_name: Any, communication_dtype: Any, alpha:
 
 
 def _check_static(name: str, value: Any) -> None:
-    if is_traced(value):
+    if is_traced(value) or isinstance(value, jax.Array):
         raise ValueError(
-            f"{name} must be a Python int, got a traced value: under optax.inject_hyperparams "
-            f"pass static_args=('{name}',)"
+            f"{name} must be a Python int, got the array {value!r}: under "
+            f"optax.inject_hyperparams pass static_args=('{name}',)"
         )
 
 

@@ -27,7 +27,7 @@ def params_mask(inner: optax.GradientTransformation, inner_state: Any, policy: s
         return optax.tree_map_params(
             inner, lambda _: True, inner_state, transform_non_params=lambda _: False
         )
-    except Exception as error:  # noqa: BLE001: whatever the inner init does with a placeholder
+    except Exception as error:  # noqa: BLE001 (whatever the inner init does with a placeholder)
         raise ValueError(
             f'inner_state="{policy}" needs to know which leaves of the inner optimizer\'s state '
             "are shaped like the params, and optax.tree_map_params cannot tell for this inner "
