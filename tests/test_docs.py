@@ -15,6 +15,9 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
 import lookahead_optax as lo
@@ -91,6 +94,19 @@ def missing_modules(code):
     return sorted(m for m in modules if importlib.util.find_spec(m) is None)
 
 
+def run_chain(page, chain):
+    """Executes the blocks of a chain in order in one fresh namespace, and returns it."""
+    namespace = {"__name__": "__main__"}
+    for line, code, _ in chain:
+        try:
+            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(
+                f"the ```python block at docs/{page} line {line} failed"
+            ) from error
+    return namespace
+
+
 @pytest.mark.parametrize(
     "page,chain", CHAINS, ids=[f"docs/{page}:{chain[0][0]}" for page, chain in CHAINS]
 )
@@ -106,14 +122,41 @@ def test_python_blocks_run_as_printed(page, chain):
     missing = sorted({m for _, code, _ in chain for m in missing_modules(code)})
     if missing:  # only without the extras (.ci/floors' core check); CI installs them
         pytest.skip(f"not installed: {missing}")
-    namespace = {"__name__": "__main__"}
-    for line, code, _ in chain:
-        try:
-            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
-        except Exception as error:
-            raise AssertionError(
-                f"the ```python block at docs/{page} line {line} failed"
-            ) from error
+    run_chain(page, chain)
+
+
+def test_alpha_assignment_shown_does_not_retrace_and_the_weak_one_does():
+    """The inject_hyperparams block's assignment keeps a jitted step's cache at one entry;
+    the weakly typed jnp.asarray(0.8) the page warns about adds exactly one."""
+    page, chain = next(
+        (page, c) for page, c in CHAINS if any('hyperparams["alpha"] =' in code for _, code, _ in c)
+    )
+    index = next(i for i, (_, code, _) in enumerate(chain) if 'hyperparams["alpha"] =' in code)
+    namespace = run_chain(page, chain[: index + 1])  # the page's own blocks, up to that one
+    tx, params, shown = namespace["tx"], namespace["params"], namespace["opt_state"]
+    assert float(shown.hyperparams["alpha"]) == pytest.approx(0.8)
+
+    traces = []
+
+    @jax.jit
+    def step(params, opt_state):
+        traces.append(None)
+        updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params_out, state_out = step(params, tx.init(params))
+    step(params_out, state_out)
+    assert len(traces) == 1
+    step(params, shown)  # the assignment the page shows
+    assert len(traces) == 1, f"docs/{page}: the alpha assignment retraced the jitted step"
+
+    weak = tx.init(params)
+    weak.hyperparams["alpha"] = jnp.asarray(0.8)
+    assert weak.hyperparams["alpha"].weak_type
+    params_out, state_out = step(params, weak)
+    assert len(traces) == 2, f"a weakly typed alpha no longer retraces: update docs/{page}"
+    step(params_out, state_out)  # the step's output state is strongly typed again
+    assert len(traces) == 2
 
 
 @pytest.fixture(scope="module")
