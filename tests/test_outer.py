@@ -180,6 +180,7 @@ def test_masked_and_multi_transform_with_an_outer_optimizer():
         assert_trees_equal(slow["b"], p["b"])  # not covered: the params themselves
 
 
+@pytest.mark.slow
 def test_flax_train_state_and_nnx_optimizer_with_an_outer_optimizer():
     from flax import nnx
     from flax.training import train_state
@@ -217,6 +218,7 @@ def test_flax_train_state_and_nnx_optimizer_with_an_outer_optimizer():
     assert float(jnp.abs(state.opt_state.outer_state[0].trace["kernel"]).max()) > 0
 
 
+@pytest.mark.slow
 def test_sharded_outer_momentum_adds_no_collective_and_equals_one_device():
     """FSDP over 8 emulated devices: the outer momentum is sharded like the params."""
     from jax.sharding import NamedSharding, PartitionSpec

@@ -141,6 +141,7 @@ def test_one_worker_is_lookahead_with_a_leading_axis():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_axis_name_in_shard_map_equals_workers():
     """The same DiLoCo inside the user's own map: the sync is a pmean over axis_name."""
     mesh = jax.make_mesh((WORKERS,), ("workers",), axis_types=(AxisType.Explicit,))
@@ -219,6 +220,7 @@ def _compiled_step(axis_type, communication_dtype=None, fused=False):
     return compiled.as_text(), initial_params()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_no_collective_outside_the_sync_and_one_params_worth_inside(axis_type, fused):
@@ -340,6 +342,7 @@ def test_fragments_match_the_streaming_reference(fused):
     assert len(history[-1][1].outer_state) == 2  # an outer state per fragment
 
 
+@pytest.mark.slow
 def test_fragments_cut_the_peak_bytes_of_a_sync_and_keep_the_total():
     devices = 8
     mesh = jax.make_mesh((devices,), ("workers",), axis_types=(AxisType.Explicit,))

@@ -13,6 +13,7 @@ import pytest
 import lookahead_optax as lo
 from tests import _workers_checkpoint_worker as worker
 
+pytestmark = pytest.mark.slow  # Orbax saves and restores
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
