@@ -187,6 +187,7 @@ def _computations(hlo: str) -> dict[str, str]:
 def _all_reduce_bytes(text: str) -> list[int]:
     """Bytes of each all-reduce's result (a tuple when XLA combines several) in HLO text."""
     sizes = []
+    text = re.sub(r"/\*.*?\*/", "", text)  # XLA's /*index=5*/ comments inside long tuples
     for result in re.findall(r"= (\([^=]*?\)|\S+) all-reduce(?:-start)?\(", text):
         total = 0
         for dtype, dims in re.findall(r"([a-z]+[0-9]+)\[([0-9,]*)\]", result):
