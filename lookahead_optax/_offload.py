@@ -32,17 +32,27 @@ def _is_state(x: Any) -> bool:
 def memory_kinds_supported(device: jax.Device | None = None) -> bool:
     """Whether ``device`` (default: the first device) can hold arrays in ``pinned_host`` memory.
 
+    On the CPU this also needs jax >= 0.10.2: measured with .ci/floors, jax 0.8.x keeps
+    "offloaded" state in device memory without a word, and 0.9.0-0.10.1 abort the process
+    in the offloaded sync, although their devices list a ``pinned_host`` memory.
+
     Examples:
       >>> import lookahead_optax as lo
       >>> isinstance(lo.memory_kinds_supported(), bool)
       True
     """
     device = device or jax.devices()[0]
+    if device.platform == "cpu" and _jax_version() < (0, 10, 2):
+        return False
     try:
         kinds = {memory.kind for memory in device.addressable_memories()}
     except Exception:  # a backend without memory spaces
         return False
     return HOST in kinds and DEVICE in kinds
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in jax.__version__.split(".")[:3] if part.isdigit())
 
 
 def offloadable(x: Any) -> bool:
@@ -83,8 +93,9 @@ def _move_state(opt_state: Any, kind: str) -> Any:
         )
     if kind == HOST and not memory_kinds_supported():
         raise ValueError(
-            f"the default device ({jax.devices()[0]}) has no {HOST!r} memory, so the slow "
-            "weights cannot be kept in host memory on this backend"
+            f"the default device ({jax.devices()[0]}) has no usable {HOST!r} memory, so the "
+            "slow weights cannot be kept in host memory on this backend (on the CPU, offload "
+            f"needs jax >= 0.10.2; this is {jax.__version__})"
         )
 
     def move(state: LookaheadState) -> LookaheadState:

@@ -362,6 +362,17 @@ def test_offload_without_memory_kinds_says_so(monkeypatch):
         lo.offload_state(tx.init(params))
 
 
+@pytest.mark.parametrize("version", [(0, 8, 3), (0, 10, 1)])
+def test_offload_is_refused_on_cpu_jax_versions_where_it_breaks(monkeypatch, version):
+    # Measured with .ci/floors: 0.8.x silently keeps the state on the device, 0.9.0-0.10.1
+    # abort the process; both still list a pinned_host memory.
+    monkeypatch.setattr(_offload, "_jax_version", lambda: version)
+    assert not lo.memory_kinds_supported(jax.devices("cpu")[0])
+    tx = lo.lookahead(optax.sgd(0.1), k=2)
+    with pytest.raises(ValueError, match=r"needs jax >= 0\.10\.2"):
+        lo.offload_state(tx.init(initial_params()))
+
+
 # ---- benchmarks/device.py ----
 
 
