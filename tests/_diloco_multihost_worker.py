@@ -10,7 +10,6 @@ at the syncs.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _multihost_worker import _gloo_on_loopback  # gloo listens on loopback only
 
 import lookahead_optax as lo
 
@@ -54,15 +54,6 @@ def make_train_step(tx):
         return optax.apply_updates(params, updates), opt_state
 
     return train_step
-
-
-def _gloo_on_loopback() -> None:
-    # As in _multihost_worker.py: gloo listens on loopback only.
-    from jax._src.lib import _jax
-
-    make_collectives = getattr(_jax, "make_gloo_tcp_collectives", None)
-    if make_collectives is not None:
-        _jax.make_gloo_tcp_collectives = functools.partial(make_collectives, hostname="127.0.0.1")
 
 
 def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
