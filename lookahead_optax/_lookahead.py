@@ -81,6 +81,23 @@ def _slow_dtype_for(leaf: Any, slow_dtype: Any) -> Any:
     return slow_dtype
 
 
+def _update_onto_slow(slow: Array, p: Array, u: Any, sync: bool | Array) -> Any:
+    """The returned update: ``slow - p`` where ``sync``, else the inner update ``u`` (note 2).
+
+    ``sync`` is a Python bool (static: no select) or traced (one fused select). Its dtype is
+    the wider of ``u``'s and ``p``'s: f32 params with bf16 grads land exactly on f32 slow weights.
+    """
+    if not _checks.is_inexact(p):
+        return u
+    u = jnp.asarray(u)
+    out_dtype = _promote(u.dtype, p.dtype)
+    if sync is False:
+        return u.astype(out_dtype)
+    wide = _promote(slow.dtype, p.dtype)
+    to_slow = (slow.astype(wide) - p.astype(wide)).astype(out_dtype)
+    return to_slow if sync is True else jnp.where(sync, to_slow, u.astype(out_dtype))
+
+
 def _floats_only(tree: Any) -> Any:
     """The floating leaves of ``tree``; the others become ``optax.MaskedNode`` (not synced)."""
     return jax.tree.map(lambda x: x if _checks.is_inexact(x) else optax.MaskedNode(), tree)
@@ -489,18 +506,9 @@ def lookahead(
                 sync, lambda: slow_step(inner_updates), lambda: unchanged
             )
 
-        def new_update(slow, p, u):  # moves p onto the new slow weights at a sync (note 2)
-            if not _checks.is_inexact(p):
-                return u
-            u = jnp.asarray(u)
-            out_dtype = _promote(u.dtype, p.dtype)  # f32 params, bf16 grads: f32 updates
-            if not traced and not sync:
-                return u.astype(out_dtype)
-            wide = _promote(slow.dtype, p.dtype)
-            to_slow = (slow.astype(wide) - p.astype(wide)).astype(out_dtype)
-            return to_slow if not traced else jnp.where(sync, to_slow, u.astype(out_dtype))
-
-        new_updates = jax.tree.map(new_update, new_slow, params, inner_updates)
+        new_updates = jax.tree.map(
+            lambda slow, p, u: _update_onto_slow(slow, p, u, sync), new_slow, params, inner_updates
+        )
         new_inner_state, cycle_start = sync_inner_state(
             sync, traced, new_inner_state, state.cycle_start, new_slow, params, step_alpha
         )
@@ -584,16 +592,9 @@ def lookahead(
             jax.tree.map(lambda x: _gated(x, gate), state.inner_state)
         )
 
-        def new_update(slow, p, u, sync):
-            if not _checks.is_inexact(p):
-                return u
-            u = jnp.asarray(u)
-            out_dtype = _promote(u.dtype, p.dtype)
-            wide = _promote(slow.dtype, p.dtype)
-            to_slow = (slow.astype(wide) - p.astype(wide)).astype(out_dtype)
-            return jnp.where(sync, to_slow, u.astype(out_dtype))
-
-        new_updates = jax.tree.map(new_update, new_slow, params, inner_updates, syncs_of_leaf)
+        new_updates = jax.tree.map(
+            _update_onto_slow, new_slow, params, inner_updates, syncs_of_leaf
+        )
         return new_updates, state._replace(
             inner_state=new_inner_state,
             slow=new_slow,
