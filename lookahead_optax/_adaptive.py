@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array
+from jax import Array
 
 _CURVATURE_NAMES = ("ema", "adam")
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array
+from jax import Array
 
 from lookahead_optax import _checks, _policies
 from lookahead_optax._adaptive import AdaptiveAlpha

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import jax
 import optax
-from jaxtyping import Array
+from jax import Array
 
 from lookahead_optax._adaptive import AdaptiveAlphaState
 
