@@ -6,6 +6,7 @@ with their committed outputs, and the guide pages' code blocks are run by the te
 """
 
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -50,9 +51,21 @@ nitpick_ignore_regex = [
         r"(jax|jaxlib|optax|flax|numpy|np|jnp|jaxtyping|typing|collections|chex|orbax)(\..*)?",
     ),
     (r"py:.*", r"(Array|ArrayTree|PyTree|Any|Callable|Iterable|Sequence|Literal|NamedTuple)"),
-    # Private type aliases shown by name in signatures (Formulation = Literal["cond", "select"]).
-    (r"py:class", r"Formulation"),
 ]
 
 html_theme = "furo"
 html_title = f"lookahead_optax {release}"
+
+
+# napoleon types a NamedTuple's Attributes from its evaluated annotations, printed with the
+# runtime class's private module (jaxtyping's Array is jax.Array, whose class lives in
+# jax.jaxlib._jax). Shown as the signatures show it: Array.
+PRIVATE_JAX_PATH = re.compile(r"\b(?:jax\.)?jaxlib\._jax\.(\w+)")
+
+
+def public_jax_names(app, what, name, obj, options, lines):
+    lines[:] = [PRIVATE_JAX_PATH.sub(r"\1", line) for line in lines]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", public_jax_names, priority=600)  # after napoleon

@@ -16,6 +16,7 @@ from lookahead_optax._slow import slow_params
 from lookahead_optax._state import LookaheadState, SyncStats
 from lookahead_optax._workers import replicate, resize_workers
 
+#: The version of this package (PEP 440), the same string as its distribution metadata.
 __version__ = "0.3.0"
 
 __all__ = [

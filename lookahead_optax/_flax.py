@@ -194,12 +194,12 @@ def abstract_opt_state(tx: optax.GradientTransformation, params: optax.Params) -
 
     Args:
       tx: The transformation whose state was saved, e.g. ``lo.lookahead(...)``.
-      params: The params or their ``jax.ShapeDtypeStruct``s, with concrete
+      params: The params or their ``jax.ShapeDtypeStruct`` values, with concrete
         shardings (a ``NamedSharding`` on a real ``Mesh``) or none at all.
 
     Returns:
       A pytree with the structure of ``tx.init(params)`` whose leaves are
-      ``jax.ShapeDtypeStruct``s carrying shardings. ``None`` fields (such as
+      ``jax.ShapeDtypeStruct`` values carrying shardings. ``None`` fields (such as
       ``LookaheadState.cycle_start`` without pullback) stay ``None``.
 
     Examples:

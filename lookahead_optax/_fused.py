@@ -35,7 +35,7 @@ FORMULATIONS = ("cond", "select")
 DEFAULT_FORMULATION: dict[str, Formulation] = {"cpu": "cond"}
 
 
-def default_formulation(backend: str | None = None) -> Formulation:
+def default_formulation(backend: str | None = None) -> Literal["cond", "select"]:
     """The formulation :func:`update_and_apply` uses on ``backend`` (default: jax's default).
 
     Examples:
@@ -53,7 +53,7 @@ def update_and_apply(
     params: optax.Params,
     *,
     sync: bool | None = None,
-    formulation: Formulation | None = None,
+    formulation: Literal["cond", "select"] | None = None,
     **extra_args,
 ) -> tuple[optax.Params, optax.OptState]:
     """``tx.update`` then ``optax.apply_updates``, faster when ``tx`` holds a lookahead.
