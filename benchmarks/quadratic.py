@@ -887,8 +887,10 @@ def _print_outer_tables(chains: int, steps: int) -> None:
         rows = snoo_rate_table(beta=beta, kind=kind, grid=grid,
                                points=100000 if kind == "two" else 20000)  # fmt: skip
         where = "eigenvalues {1, κ}" if kind == "two" else "16 eigenvalues log-spaced in [1, κ]"
-        print(f"\nDeterministic quadratic, {where}, {inner} inside, k=20: 1 - per-step rate, "
-              "theory / measured (library), each at its best learning rate")
+        print(
+            f"\nDeterministic quadratic, {where}, {inner} inside, k=20: 1 - per-step rate, "
+            "theory / measured (library), each at its best learning rate"
+        )
         names = [("inner", inner), ("lookahead", "Lookahead α=0.5")]
         names += [(("snoo", eta, mu), f"SNOO η={eta:g}, μ={mu:g}") for eta, mu in SNOO_SETTINGS]
         extra = [" SNOO, best (η, μ) on the grid |"] if grid else []

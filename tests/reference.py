@@ -453,7 +453,6 @@ class LogisticQuadratic:
         return logistic + quadratic
 
 
-
 def diloco_trajectory(
     params0, grad_fns, inner, k: int, outer, num_steps: int, stats=None, groups=None
 ):
