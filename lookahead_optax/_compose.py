@@ -8,19 +8,13 @@ import numpy as np
 import optax
 
 from lookahead_optax._checks import is_inexact
-from lookahead_optax._slow import find_states, slow_params
-from lookahead_optax._state import LookaheadState
+from lookahead_optax._slow import slow_params
+from lookahead_optax._state import find_states, replace_states
 
 
 def _force_sync_next(opt_state: optax.OptState) -> optax.OptState:
     """Every LookaheadState set one step before its sync."""
-
-    def force(node):
-        if isinstance(node, LookaheadState):
-            return node._replace(count=node.period - 1)
-        return node
-
-    return jax.tree.map(force, opt_state, is_leaf=lambda x: isinstance(x, LookaheadState))
+    return replace_states(lambda state: state._replace(count=state.period - 1), opt_state)
 
 
 def check_composition(

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax._slow import find_states
-from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint
+from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, find_states, the_state
 
 Formulation = Literal["cond", "select"]
 FORMULATIONS = ("cond", "select")
@@ -223,13 +222,7 @@ def fused_path_taken(
 
 
 def _the_state(tree: Any, what: str) -> LookaheadState:
-    states = find_states(tree)
-    if len(states) != 1:
-        raise ValueError(
-            f"{what} must hold exactly one (outermost) LookaheadState, found {len(states)}: "
-            "the sync is decided from its count and period"
-        )
-    return states[0]
+    return the_state(tree, what, "the sync is decided from its count and period")
 
 
 def next_call_syncs(opt_state: optax.OptState) -> bool:

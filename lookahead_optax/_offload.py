@@ -18,15 +18,11 @@ from typing import Any
 
 import jax
 
-from lookahead_optax._state import LookaheadState
+from lookahead_optax._state import LookaheadState, find_states, replace_states
 
 HOST = "pinned_host"
 DEVICE = "device"
 OFFLOADED_FIELDS = ("slow", "outer_state")
-
-
-def _is_state(x: Any) -> bool:
-    return isinstance(x, LookaheadState)
 
 
 def memory_kinds_supported(device: jax.Device | None = None) -> bool:
@@ -81,12 +77,11 @@ def transfer(x: Any, kind: str) -> Any:
 
 def map_states(fn, tree: Any) -> Any:
     """``tree`` with every outermost LookaheadState replaced by ``fn(state)``."""
-    return jax.tree.map(lambda x: fn(x) if _is_state(x) else x, tree, is_leaf=_is_state)
+    return replace_states(fn, tree)
 
 
 def _move_state(opt_state: Any, kind: str) -> Any:
-    states = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
-    if not states:
+    if not find_states(opt_state):
         raise ValueError(
             "found no LookaheadState to move: pass the state of a transformation built with "
             "lookahead_optax.lookahead"
@@ -148,7 +143,7 @@ def onload_state(opt_state: Any) -> Any:
 
 def offloaded(opt_state: Any) -> bool:
     """Whether every offloadable leaf of the slow weights and outer state is on the host."""
-    for state in [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]:
+    for state in find_states(opt_state):
         for field in OFFLOADED_FIELDS:
             for x in jax.tree.leaves(getattr(state, field)):
                 if offloadable(x) and x.sharding.memory_kind != HOST:

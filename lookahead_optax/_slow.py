@@ -9,17 +9,7 @@ import numpy as np
 import optax
 
 from lookahead_optax._checks import is_inexact
-from lookahead_optax._state import LookaheadState
-
-
-def _is_state(x) -> bool:
-    return isinstance(x, LookaheadState)
-
-
-def find_states(opt_state: optax.OptState) -> list[LookaheadState]:
-    """The outermost LookaheadStates in ``opt_state``, in tree order."""
-    leaves = jax.tree.leaves(opt_state, is_leaf=_is_state)
-    return [leaf for leaf in leaves if _is_state(leaf)]
+from lookahead_optax._state import find_states
 
 
 def _nnx_variable_type() -> type | None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import optax
 from jax import Array
 
-from lookahead_optax._adaptive import AdaptiveAlphaState
 
-
-class LookaheadState(NamedTuple):
+# A registered dataclass, not a NamedTuple: optax.tree.get/set match NamedTuple field names,
+# and ``count`` would collide with the inner optimizer's (``optax.tree.get(opt_state,
+# "count")`` must find Adam's). The key paths (``.count``, ``.slow``, ...) are a
+# NamedTuple's, so Orbax checkpoints of 0.3.0 states restore unchanged.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LookaheadState:
     """State of :func:`lookahead_optax.lookahead`.
 
     Attributes:
@@ -49,9 +54,13 @@ class LookaheadState(NamedTuple):
     syncs: Array
     period: Array
     cycle_start: optax.OptState = None
-    adaptive: AdaptiveAlphaState | None = None
+    adaptive: Any = None  # an AdaptiveAlphaState
     outer_state: optax.OptState = None
     sync_stats: SyncStats | None = None
+
+    def _replace(self, **changes: Any) -> LookaheadState:
+        """A copy with ``changes`` (as a NamedTuple's ``_replace``)."""
+        return dataclasses.replace(self, **changes)
 
 
 class SyncStats(NamedTuple):
@@ -94,3 +103,47 @@ jax.tree_util.register_pytree_node(
 )
 
 HINT_KEY = "lookahead_sync"
+
+
+# ---- Finding and replacing the lookahead states inside any opt_state ----
+# The one implementation of "the outermost LookaheadState(s) of an opt_state", for every
+# function that reaches into a state built by chain, inject_hyperparams, MultiSteps, masked,
+# multi_transform, an nnx.Optimizer, ... (anything that keeps its inner states as pytree nodes).
+
+
+def is_lookahead_state(x: object) -> bool:
+    return isinstance(x, LookaheadState)
+
+
+def find_states(opt_state: optax.OptState) -> list[LookaheadState]:
+    """The outermost LookaheadStates in ``opt_state`` (any pytree), in tree order.
+
+    A lookahead nested inside another one's inner state is not listed: it is part of
+    the outer one's ``inner_state``.
+    """
+    leaves = jax.tree.leaves(opt_state, is_leaf=is_lookahead_state)
+    return [leaf for leaf in leaves if is_lookahead_state(leaf)]
+
+
+def the_state(opt_state: optax.OptState, what: str = "opt_state", why: str = "") -> LookaheadState:
+    """The one outermost LookaheadState in ``opt_state``; ValueError naming ``what`` if there
+    is none or there are several (``why`` says what needs exactly one)."""
+    states = find_states(opt_state)
+    if len(states) != 1:
+        found = (
+            "none: pass the state of a transformation built with lookahead_optax.lookahead"
+            if not states
+            else f"{len(states)}"
+        )
+        raise ValueError(
+            f"{what} must hold exactly one (outermost) LookaheadState, found {found}"
+            + (f" ({why})" if why else "")
+        )
+    return states[0]
+
+
+def replace_states(fn, opt_state: optax.OptState) -> optax.OptState:
+    """``opt_state`` with every outermost LookaheadState ``s`` replaced by ``fn(s)``."""
+    return jax.tree.map(
+        lambda x: fn(x) if is_lookahead_state(x) else x, opt_state, is_leaf=is_lookahead_state
+    )

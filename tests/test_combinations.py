@@ -1,0 +1,55 @@
+"""Where features meet (issue 18): the helpers around the core transformation in every
+combination a user builds: slow_params, check_composition, the fused path's and offload's
+messages, replicate/resize_workers, the argument and state checks, the type hints.
+
+Each test here failed on the 0.3.0 tree and names the combination it guards.
+"""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import lookahead_optax as lo
+from lookahead_optax import _state
+
+# ---- one implementation of "the outermost LookaheadStates of an opt_state" ----
+
+
+def test_find_and_replace_states_reach_through_every_wrapper_and_stop_at_the_outermost():
+    params = {"a": jnp.ones(2), "b": jnp.zeros(3)}
+    nested = lo.lookahead(lo.lookahead(optax.sgd(0.1), k=2), k=4)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.multi_transform(
+            {"x": nested, "y": optax.MultiSteps(lo.lookahead(optax.adam(0.1), k=3), 2)},
+            {"a": "x", "b": "y"},
+        ),
+    )
+    opt_state = tx.init(params)
+    states = _state.find_states(opt_state)
+    assert [int(s.period) for s in states] == [4, 3]  # the nested k=2 one is inside the first
+    assert _state.find_states((opt_state, [opt_state])) == states + states
+    replaced = _state.replace_states(lambda s: s._replace(count=s.count + 7), opt_state)
+    assert [int(s.count) for s in _state.find_states(replaced)] == [7, 7]
+    inner = _state.find_states(_state.find_states(replaced)[0].inner_state)
+    assert [int(s.count) for s in inner] == [0]  # only the outermost is replaced
+    with pytest.raises(ValueError, match="exactly one .*found 2"):
+        _state.the_state(opt_state, "opt_state")
+    with pytest.raises(ValueError, match="found none"):
+        _state.the_state(optax.adam(0.1).init(params), "opt_state")
+
+
+def test_every_helper_module_uses_the_one_implementation():
+    """The search was written five times (slow_params, the fused path, offload, resize_workers,
+    check_composition); now the modules hold no search of their own."""
+    import inspect
+
+    from lookahead_optax import _compose, _fused, _offload, _slow, _workers
+
+    assert _slow.find_states is _state.find_states
+    assert _fused.find_states is _state.find_states
+    for module in (_compose, _fused, _offload, _slow, _workers):
+        source = inspect.getsource(module)
+        assert "isinstance(x, LookaheadState)" not in source, module.__name__
+        assert "is_leaf=lambda x: isinstance" not in source, module.__name__
+        assert "is_leaf=_is_state" not in source, module.__name__
