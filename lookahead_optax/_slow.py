@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lookahead_optax._checks import is_inexact
 from lookahead_optax._state import find_states
+from lookahead_optax._workers import first_worker
 
 
 def _nnx_variable_type() -> type | None:
@@ -37,7 +39,9 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
     ``nnx.Param`` (see also :func:`lookahead_optax.nnx_slow_model`).
 
     With ``workers=N`` the params carry a leading worker axis and the result
-    does not: it is the one set of slow weights all workers share.
+    does not: it is the one set of slow weights all workers share. Leaves that
+    are not floating (int, bool, PRNG keys) are never synced: the result holds
+    their current value (with ``workers=N``, worker 0's).
 
     Args:
       opt_state: A state returned by the ``init`` or ``update`` of a
@@ -77,16 +81,21 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
         if isinstance(slow, variable):
             slow = slow.get_value()
         value = current.get_value() if isinstance(current, variable) else current
-        if np.ndim(value) == np.ndim(slow) + 1 and np.shape(value)[1:] == np.shape(slow):
-            return slow  # workers=N: params carry a worker axis, the slow weights are shared
-        if np.shape(value) != np.shape(slow):
+        # workers=N: params carry a worker axis, the slow weights are shared (no axis).
+        stacked = np.ndim(value) == np.ndim(slow) + 1 and np.shape(value)[1:] == np.shape(slow)
+        if not stacked and np.shape(value) != np.shape(slow):
             raise ValueError(
                 "params must have the leaf shapes of the params the state was initialised "
                 f"with: got a leaf of shape {np.shape(value)} where the slow weights have "
                 f"{np.shape(slow)}"
             )
         if not is_inexact(value):
-            return current  # not synced: the params are the answer (int, bool, keys)
+            # Not synced (int, bool, PRNG keys): the params are the answer, their current
+            # value; with workers, worker 0's (the slow weights' shapes have no worker axis).
+            if not stacked:
+                return current
+            first = first_worker(jnp.asarray(value))
+            return current.replace(first) if isinstance(current, variable) else first
         if isinstance(current, variable):
             # Keep the params' Variable type (nnx.Param) and metadata.
             return current.replace(slow)

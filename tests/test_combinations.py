@@ -6,6 +6,7 @@ Each test here failed on the 0.3.0 tree and names the combination it guards.
 """
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -53,3 +54,30 @@ def test_every_helper_module_uses_the_one_implementation():
         assert "isinstance(x, LookaheadState)" not in source, module.__name__
         assert "is_leaf=lambda x: isinstance" not in source, module.__name__
         assert "is_leaf=_is_state" not in source, module.__name__
+
+
+# ---- slow_params ----
+
+
+@pytest.mark.parametrize("workers", [None, 1, 3])
+def test_slow_params_returns_the_current_value_of_leaves_that_never_sync(workers):
+    """A step counter and a flag kept in params: slow_params returns their current values
+    (they are not synced, so the params are the answer), with and without workers. 0.3.0
+    returned their initial values with workers=N."""
+    params = {"w": jnp.ones(2), "step": jnp.zeros([], jnp.int32), "flag": jnp.array(False)}
+    if workers is not None:
+        params = lo.replicate(params, workers)
+    tx = lo.lookahead(optax.sgd(0.1), k=2, workers=workers)
+    opt_state = tx.init(params)
+    for n in range(3):
+        grads = {"w": jnp.ones_like(params["w"])}
+        grads |= {key: jnp.zeros_like(params[key]) for key in ("step", "flag")}
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        step = params["step"] + 1 + (0 if workers is None else jnp.arange(workers))
+        params = {**params, "step": step, "flag": jnp.ones_like(params["flag"])}
+    slow = lo.slow_params(opt_state, params)
+    assert slow["step"].dtype == jnp.int32 and slow["step"].shape == ()
+    assert int(slow["step"]) == 3  # worker 0's with workers
+    assert slow["flag"].dtype == jnp.bool_ and bool(slow["flag"])
+    np.testing.assert_allclose(slow["w"], [0.9, 0.9], rtol=1e-6)  # synced at step 2, alpha 0.5
