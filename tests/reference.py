@@ -497,3 +497,252 @@ def diloco_trajectory(
         fast_history.append([[p.copy() for p in f] for f in fast])
         slow_history.append([s.copy() for s in slow])
     return fast_history, slow_history
+
+
+# --- the general form: workers, fragments, dtypes, every slow step and policy --------------
+#
+# Used by tests/test_conformance.py, which runs every combination of the library's options
+# against it. Leaves here may be float64, complex128 (complex params), int64, bool or uint32
+# (a PRNG key's data); only the floating and complex ones ("kinds" "float") take part in the
+# sync, the others are the inner optimizer's business.
+
+
+def rounded_parts(x, dtype):
+    """``x`` rounded to ``dtype``, real and imaginary parts apart when ``x`` is complex.
+
+    A complex ``dtype`` rounds each part to its precision; a real ``dtype`` (bfloat16, float16)
+    rounds each part to it, so the imaginary part survives. None: unchanged.
+    """
+    if dtype is None:
+        return x
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        part = np.dtype(dtype)
+        if part.kind == "c":
+            part = np.finfo(part).dtype  # complex64 -> float32
+        return rounded(x.real, part) + 1j * rounded(x.imag, part)
+    return rounded(x, dtype)
+
+
+def fragment_groups(sizes: Sequence[int], fragments: int) -> list[list[int]]:
+    """Streaming DiLoCo's split: the leaves with ``sizes[i] > 0`` (the synced ones, in tree
+    order) cut into ``fragments`` contiguous groups of about equal sizes: leaf i goes to
+    fragment ``min(P - 1, floor(P (start_i + size_i / 2) / total))``, start_i the elements
+    before it. Leaves of size 0 (and non-floating leaves, given as 0) are in no group."""
+    total, start, groups = max(sum(sizes), 1), 0, [[] for _ in range(fragments)]
+    for i, size in enumerate(sizes):
+        if size:
+            groups[min(fragments - 1, int(fragments * (start + size / 2) / total))].append(i)
+        start += size
+    return groups
+
+
+class Mixed:
+    """Heavy-ball momentum (optax.sgd(lr, momentum=beta)) on the floating leaves; on the others
+    (int, bool, PRNG keys) the update is the gradient itself: the test decides what it means
+    (``p + u`` for ints, ``p | u`` for bools, ``u`` replaces a key)."""
+
+    def __init__(self, lr: float, beta: float, kinds: Sequence[str]):
+        self.lr, self.beta, self.kinds = lr, beta, list(kinds)
+
+    def init(self, params: Leaves):
+        return [
+            np.zeros_like(p) if kind == "float" else None for p, kind in zip(params, self.kinds)
+        ]
+
+    def step(self, grads: Leaves, state, params: Leaves):
+        trace = [
+            g + self.beta * m if kind == "float" else None
+            for g, m, kind in zip(grads, state, self.kinds)
+        ]
+        updates = [
+            -self.lr * t if kind == "float" else g for g, t, kind in zip(grads, trace, self.kinds)
+        ]
+        return updates, trace
+
+
+class ComplexAdam(Adam):
+    """Adam with nu from |g|^2 (what optax.adam does on complex leaves; Adam on real ones)."""
+
+    def step(self, grads: Leaves, state, params: Leaves):
+        t, mu, nu = state[:3]
+        t += 1
+        mu = [self.b1 * m + (1 - self.b1) * g for m, g in zip(mu, grads)]
+        nu = [self.b2 * v + (1 - self.b2) * np.abs(g) ** 2 for v, g in zip(nu, grads)]
+        updates = [
+            -self.lr * (m / (1 - self.b1**t)) / (np.sqrt(v / (1 - self.b2**t)) + self.eps)
+            for m, v in zip(mu, nu)
+        ]
+        return updates, (t, mu, nu)
+
+
+def diagonal_line_search(curvature: Leaves, alpha_min: float) -> Callable[[SyncView], float]:
+    """The paper's adaptive alpha with a known diagonal curvature A, as an ``alpha_rule``:
+    ``clip(1 - g_k.d / (d.A d), alpha_min, 1)``, ``d = theta_k - phi``, ``g_k = g + A u``
+    (the model's gradient at theta_k, g taken at theta_{k-1}); 1 where ``d.A d <= 0``.
+    ``curvature`` has None on the leaves that are not synced."""
+
+    def rule(view: SyncView) -> float:
+        numerator = denominator = 0.0
+        for a, g, u, f, s in zip(curvature, view.grads, view.updates, view.fast, view.slow):
+            if a is None:
+                continue
+            d = f - s
+            numerator += float(np.sum((g + a * u) * d))
+            denominator += float(np.sum(a * d * d))
+        if denominator <= 0:
+            return 1.0
+        return float(np.clip(1.0 - numerator / denominator, alpha_min, 1.0))
+
+    return rule
+
+
+class WorkersState(NamedTuple):
+    inner: list  # per worker: the inner optimizer's state
+    slow: list  # phi on the synced leaves, None on the others
+    count: int  # inner steps since the cycle started
+    syncs: int  # full cycles so far
+    cycle_start: list | None  # "pullback": per worker, the inner state at the cycle's start
+    outer: list  # per fragment: the outer optimizer's state (None with alpha)
+    stats: tuple | None  # the latest sync's (|Delta|, [|theta_w - mean theta|])
+    alpha: float | None  # the alpha of the latest sync
+
+
+class Workers:
+    """Algorithm 1 in its general form: W workers, P fragments, any slow step and dtypes.
+
+    Every worker w runs ``inner`` on its own params with its own inner state. Fragment j
+    (``groups[j]``, leaf indices; one group of every synced leaf by default) syncs at calls
+    (j + 1) k / P of every cycle (P = 1: calls k, 2k, ...). At its sync, with theta_w the
+    worker's params plus its inner update:
+
+    - Delta_w = phi - theta_w per worker; with ``communication_dtype`` each Delta_w is rounded
+      to it (both parts of a complex one), averaged exactly, and the mean rounded to it once;
+      Delta = mean_w Delta_w (exact, no rounding, with ``communication_dtype`` None).
+    - phi <- phi - alpha_j Delta (``alpha``, or ``alpha_rule``'s value at this sync), or with
+      ``outer``: ``u, s <- outer.step(Delta, s_j, phi); phi <- phi + u`` (fragment j's own s_j).
+    - phi is rounded to ``slow_dtypes[i]`` (per leaf; None keeps float64/complex128).
+    - every worker's params on those leaves become phi rounded to ``params_dtypes[i]``.
+    - P = 1 only: the inner-state policy on every worker ("reset": ``inner.init`` of the new
+      params; "pullback": ``s <- s0 + alpha (s - s0)`` on floating leaves where both are finite,
+      alpha = 1 with ``outer``).
+    - ``stats``: |Delta| and per worker |theta_w - mean_v theta_v| over the fragment's leaves.
+
+    phi starts at worker 0's params (``start="first"``) or their mean (``start="mean"``).
+    The slow weights are never read on other calls.
+    """
+
+    def __init__(
+        self,
+        inner,
+        k: int,
+        *,
+        kinds: Sequence[str],
+        alpha: float = 0.5,
+        outer=None,
+        alpha_rule: Callable[[SyncView], float] | None = None,
+        inner_state: str = "keep",
+        params_dtypes: Sequence[Any] | None = None,
+        slow_dtypes: Sequence[Any] | None = None,
+        communication_dtype=None,
+        groups: Sequence[Sequence[int]] | None = None,
+        start: str = "first",
+    ):
+        assert inner_state in ("keep", "reset", "pullback"), inner_state
+        assert start in ("first", "mean"), start
+        n = len(kinds)
+        self.inner, self.k, self.kinds, self.alpha = inner, k, list(kinds), alpha
+        self.outer, self.alpha_rule, self.policy, self.start = outer, alpha_rule, inner_state, start
+        self.params_dtypes = list(params_dtypes or [None] * n)
+        self.slow_dtypes = list(slow_dtypes or [None] * n)
+        self.communication_dtype = communication_dtype
+        synced = [i for i in range(n) if kinds[i] == "float"]
+        self.groups = [synced] if groups is None else [list(g) for g in groups]
+        assert self.policy == "keep" or len(self.groups) == 1, "policies need P = 1"
+
+    def init(self, params: list[Leaves]) -> WorkersState:
+        first = params[0]
+        if self.start == "mean":
+            first = [
+                np.mean(np.stack(leaves), axis=0) if kind == "float" else leaves[0]
+                for kind, leaves in zip(self.kinds, zip(*params))
+            ]
+        slow = [
+            rounded_parts(np.asarray(p), d) if kind == "float" else None
+            for p, kind, d in zip(first, self.kinds, self.slow_dtypes)
+        ]
+        inner = [self.inner.init(p) for p in params]
+        outer = [
+            None if self.outer is None else self.outer.init([slow[i] for i in group])
+            for group in self.groups
+        ]
+        cycle_start = list(inner) if self.policy == "pullback" else None
+        return WorkersState(inner, slow, 0, 0, cycle_start, outer, None, None)
+
+    def _mean(self, deltas: list) -> np.ndarray:
+        sent = [rounded_parts(d, self.communication_dtype) for d in deltas]
+        return rounded_parts(np.mean(np.stack(sent), axis=0), self.communication_dtype)
+
+    def step(self, grads: list[Leaves], state: WorkersState, params: list[Leaves]):
+        steps = [self.inner.step(g, s, p) for g, s, p in zip(grads, state.inner, params)]
+        updates = [list(u) for u, _ in steps]
+        inner = [s for _, s in steps]
+        count = state.count + 1
+        period = len(self.groups)
+        slow, outer, stats, alpha = list(state.slow), list(state.outer), state.stats, state.alpha
+        synced_now = []
+        for j, group in enumerate(self.groups):
+            if count != (j + 1) * (self.k // period) or not group:
+                continue  # a fragment without leaves has nothing to sync (stats unchanged)
+            fast = [[np.asarray(p[i]) + u[i] for i in group] for p, u in zip(params, updates)]
+            phi = [slow[i] for i in group]
+            mean_fast = [np.mean(np.stack(leaves), axis=0) for leaves in zip(*fast)]
+            delta = [self._mean([s - f[n] for f in fast]) for n, s in enumerate(phi)]
+            norm = np.sqrt(sum(np.sum(np.abs(d) ** 2) for d in delta))
+            drift = [
+                np.sqrt(sum(np.sum(np.abs(x - m) ** 2) for x, m in zip(f, mean_fast))) for f in fast
+            ]
+            stats = (float(norm), [float(d) for d in drift])
+            if self.outer is None:
+                if self.alpha_rule is not None:
+                    assert len(params) == 1, "adaptive alpha: one worker"
+                    view = SyncView(
+                        state.syncs,
+                        [np.asarray(p) + u if i in group else None
+                         for i, (p, u) in enumerate(zip(params[0], updates[0]))],
+                        slow, grads[0], updates[0], inner[0],
+                    )  # fmt: skip
+                    alpha = self.alpha_rule(view)
+                else:
+                    alpha = float(self.alpha)
+                moved = [s - alpha * d for s, d in zip(phi, delta)]
+            else:
+                alpha = 1.0
+                steps_j, outer[j] = self.outer.step(delta, outer[j], phi)
+                moved = [s + u for s, u in zip(phi, steps_j)]
+            for i, m in zip(group, moved):
+                slow[i] = rounded_parts(m, self.slow_dtypes[i])
+                synced_now.append(i)
+        for w, p in enumerate(params):
+            for i in synced_now:
+                updates[w][i] = rounded_parts(slow[i], self.params_dtypes[i]) - np.asarray(p[i])
+        cycle_start = state.cycle_start
+        if synced_now and self.policy == "reset":
+            new_params = [
+                [np.asarray(x) + u for x, u in zip(p, upd)] for p, upd in zip(params, updates)
+            ]
+            inner = [self.inner.init(p) for p in new_params]
+        elif synced_now and self.policy == "pullback":
+
+            def pull(path, start, end):
+                if not is_floating(end):
+                    return end
+                finite = np.isfinite(np.asarray(start)) & np.isfinite(np.asarray(end))
+                return np.where(finite, start + alpha * (end - start), end)
+
+            inner = cycle_start = [map_state(pull, s0, s) for s0, s in zip(cycle_start, inner)]
+        syncs = state.syncs
+        if count == self.k:
+            count, syncs = 0, syncs + 1
+        new_state = WorkersState(inner, slow, count, syncs, cycle_start, outer, stats, alpha)
+        return updates, new_state

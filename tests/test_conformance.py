@@ -1,0 +1,742 @@
+"""The conformance matrix: every combination of lookahead's options against tests/reference.py.
+
+A combination picks one value on every axis of :data:`AXES`: the slow step (alpha, an outer
+SGD, Nesterov or Adam, adaptive alpha), where the workers are (none, ``workers=1``/``3``,
+``axis_name`` under ``vmap``), the fragments, the inner-state policy, ``slow_dtype``,
+``communication_dtype``, the entry point (``tx.update``, ``update_and_apply``,
+``StaticSyncStep``), the leaves of params (float32 always; bf16, complex, int, bool, a PRNG
+key, an empty subtree, a zero-size leaf) and the wrapper around the lookahead (none, a
+transformation chained before it, ``MultiSteps``, ``apply_if_finite``, ``inject_hyperparams``,
+``multi_transform``). :func:`sample` draws combinations from a seeded generator.
+
+A valid combination runs 2k + 1 calls (two syncs and one more step) and is compared at every
+call with :class:`reference.Workers`: every worker's params, ``slow_params`` and the sync
+statistics. A combination the library refuses (:func:`refusal`) must raise an error whose
+message names the argument. Every check that fails is collected; :data:`KNOWN_BROKEN` lists
+the failures expected today (each with its reason), and is strict: a listed failure that no
+longer happens fails the test too, so the entry can be removed as its fix lands.
+
+The fast set (``-m "not slow"``) runs :func:`fast_set`, a few combinations chosen so that every
+value of every axis appears at least once; ``test_many_combinations`` (slow) runs many more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+from lookahead_optax import LookaheadState
+from tests import reference as ref
+
+# --- the axes -----------------------------------------------------------------------------
+
+AXES: dict[str, tuple] = {
+    "slow_step": ("alpha", "sgd", "nesterov", "adam", "adaptive"),
+    "workers": (None, 1, 3, "axis"),
+    "fragments": (1, 2, 3),
+    "inner_state": ("keep", "reset", "pullback"),
+    "slow_dtype": (None, "float32", "bfloat16"),
+    "communication_dtype": (None, "float32", "bfloat16", "float16"),
+    "entry": ("update", "update_and_apply", "static"),
+    "wrapper": ("none", "chain_before", "multisteps", "apply_if_finite", "inject", "multi"),
+    "start": ("same", "distinct"),  # distinct: every worker starts at other params
+}
+# Leaves added to the two float32 leaves every combination has ("w" (3,), "m" (2, 2)).
+EXTRA_LEAVES = ("bf16", "complex", "int", "bool", "key", "empty", "zero_size")
+STEPS_PER_K = 2  # calls: 2k + 1
+NAN_CALL = 1  # apply_if_finite: the grads of this call are not finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Combo:
+    slow_step: str = "alpha"
+    workers: Any = None
+    fragments: int = 1
+    inner_state: str = "keep"
+    slow_dtype: str | None = None
+    communication_dtype: str | None = None
+    entry: str = "update"
+    wrapper: str = "none"
+    start: str = "same"
+    leaves: tuple[str, ...] = ()
+
+    @property
+    def k(self) -> int:
+        return {1: 2, 2: 2, 3: 3}[self.fragments]
+
+    @property
+    def calls(self) -> int:
+        steps = STEPS_PER_K * self.k + 1
+        return 2 * steps if self.wrapper == "multisteps" else steps
+
+    @property
+    def num_workers(self) -> int:
+        return 3 if self.workers == "axis" else (self.workers or 1)
+
+    def __str__(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        return ",".join(parts)
+
+
+def unsupported(c: Combo) -> str | None:
+    """Why a combination is not drawn: a limit of optax or of the setup, not of lookahead."""
+    if "key" in c.leaves and c.entry != "update":
+        return "optax.apply_updates cannot add to a PRNG key (update_and_apply applies with it)"
+    if c.wrapper == "multisteps" and {"int", "bool", "key", "complex"} & set(c.leaves):
+        return "optax.MultiSteps averages real floating gradients only (optax 0.2.8 halves the "
+        "imaginary part of the mean of complex ones)"
+    if c.wrapper == "inject" and "key" in c.leaves:
+        return "optax.inject_hyperparams asks every leaf of params for its float dtype"
+    if c.wrapper == "apply_if_finite" and "key" in c.leaves:
+        return "optax.apply_if_finite calls isfinite on every leaf"
+    if c.start == "distinct" and c.workers != 3:
+        return "distinct starting params need workers=3 (axis_name: each worker's init sees its own)"
+    return None
+
+
+# A refused combination: (exception type, regex the message must match: it names the argument).
+Refusal = tuple[type, str]
+
+
+def refusals(c: Combo) -> list[Refusal]:
+    """The errors the library may raise for ``c``, one per rule it breaks (empty: ``c`` is
+    valid); the one raised must be among them. Edit when a refusal is lifted."""
+    outer = c.slow_step in ("sgd", "nesterov", "adam")
+    rules = [
+        (outer and c.inner_state == "pullback", r"inner_state"),
+        (c.fragments > 1 and (c.inner_state != "keep" or c.slow_step == "adaptive"), r"fragments"),
+        (c.slow_step == "adaptive" and c.workers is not None, r"workers|axis_name"),
+        (c.communication_dtype is not None and c.workers is None, r"communication_dtype"),
+        (c.entry == "static" and c.wrapper == "multisteps", r"sync"),
+        (c.entry == "static" and c.fragments > 1, r"fragments"),
+    ]
+    return [(ValueError, pattern) for broken, pattern in rules if broken]
+
+
+def refusal(c: Combo) -> Refusal | None:
+    """One refusal matching any of :func:`refusals` (None: ``c`` is valid)."""
+    found = refusals(c)
+    if not found:
+        return None
+    return ValueError, "|".join(f"(?:{pattern})" for _, pattern in found)
+
+
+def _draw(rng: np.random.Generator) -> Combo:
+    values = {name: choices[rng.integers(len(choices))] for name, choices in AXES.items()}
+    if values["workers"] is None and rng.random() < 0.8:
+        values["communication_dtype"] = None  # mostly valid; sometimes the refusal
+    leaves = tuple(name for name in EXTRA_LEAVES if rng.random() < 0.4)
+    return Combo(**values, leaves=leaves)
+
+
+def sample(seed: int, count: int) -> list[Combo]:
+    """``count`` distinct drawable combinations from a generator seeded with ``seed``."""
+    rng, found = np.random.default_rng(seed), {}
+    while len(found) < count:
+        combo = _draw(rng)
+        if unsupported(combo) is None:
+            found.setdefault(combo, None)
+    return list(found)
+
+
+def fast_set(seed: int = 18) -> list[Combo]:
+    """Valid combinations, greedily chosen until every value of every axis (and every extra
+    leaf) appears in one; then one combination per kind of refusal."""
+    wanted = {(name, v) for name, choices in AXES.items() for v in choices}
+    wanted |= {("leaf", leaf) for leaf in EXTRA_LEAVES}
+    wanted -= {("communication_dtype", None)}  # covered by any no-worker combination
+
+    def covers(c: Combo) -> set:
+        got = {(name, getattr(c, name)) for name in AXES}
+        return got | {("leaf", leaf) for leaf in c.leaves}
+
+    chosen, refused = [], {}
+    for combo in sample(seed, 4000):
+        why = refusals(combo)
+        if why:
+            if len(why) == 1:
+                refused.setdefault(why[0], combo)
+            continue
+        if covers(combo) & wanted:
+            chosen.append(combo)
+            wanted -= covers(combo)
+        if not wanted and len(refused) == 5:
+            break
+    assert not wanted, f"the sampler never covers {sorted(map(str, wanted))}"
+    return chosen + list(refused.values())
+
+
+# --- known failures today (issue 18): flip by deleting the entry once the fix lands -------
+
+@dataclasses.dataclass(frozen=True)
+class Broken:
+    reason: str
+    applies: Callable[[Combo], bool]
+    checks: frozenset  # the checks that fail (see run_combo); "crash" is any exception
+
+
+KNOWN_BROKEN: list[Broken] = []
+
+
+def expected_failures(c: Combo) -> dict[str, str]:
+    out = {}
+    for broken in KNOWN_BROKEN:
+        if broken.applies(c):
+            for check in broken.checks:
+                out.setdefault(check, broken.reason)
+    return out
+
+
+# --- the problem: params, gradients ------------------------------------------------------
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, None: None}
+
+
+@dataclasses.dataclass
+class Leaf:
+    name: str
+    kind: str  # "float" (floating or complex), "int", "bool", "key"
+    dtype: Any  # the numpy dtype of params (None: a key)
+    shape: tuple
+
+
+LEAVES = {
+    "w": Leaf("w", "float", np.float32, (3,)),
+    "m": Leaf("m", "float", np.float32, (2, 2)),
+    "bf16": Leaf("bf16", "float", ml_dtypes.bfloat16, (4,)),
+    "complex": Leaf("complex", "float", np.complex64, (2,)),
+    "int": Leaf("int", "int", np.int32, (2,)),
+    "bool": Leaf("bool", "bool", np.bool_, (4,)),
+    "key": Leaf("key", "key", None, ()),
+    "zero_size": Leaf("zero_size", "float", np.float32, (0,)),
+}
+
+
+class Problem:
+    """Params (a dict, whose leaves jax orders by key) and each worker's gradients.
+
+    Floating leaf i of worker w: grad = c_i * (p - t_wi), a quadratic with its own curvature
+    c_i and each worker's own target t_wi (different data). Int leaves get grads 1 or 2, bool
+    leaves one True per call, key leaves a new key per call and worker: the inner optimizer
+    passes them on as updates (the test's apply: ``p + u``, ``p | u``, ``u``).
+    """
+
+    def __init__(self, combo: Combo, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        names = ["w", "m"] + [n for n in combo.leaves if n in LEAVES]
+        self.leaves = [LEAVES[n] for n in sorted(names)]  # jax's order of dict keys
+        self.has_empty = "empty" in combo.leaves
+        self.workers = combo.num_workers
+        self.curvature, self.targets, self.start = [], [], []
+        for leaf in self.leaves:
+            if leaf.kind == "float":
+                c = rng.uniform(0.5, 2.0, leaf.shape)
+                t = rng.normal(size=(self.workers, *leaf.shape))
+                p = rng.normal(size=leaf.shape)
+                spread = 0.3 * rng.normal(size=(self.workers, *leaf.shape))
+                if np.dtype(leaf.dtype).kind == "c":
+                    t = t + 1j * rng.normal(size=t.shape)
+                    p = p + 1j * rng.normal(size=p.shape)
+                    spread = spread + 0.3j * rng.normal(size=spread.shape)
+                if combo.start != "distinct":
+                    spread = 0 * spread
+                start = [ref.rounded_parts(p + spread[w], leaf.dtype) for w in range(self.workers)]
+            elif leaf.kind == "int":
+                c, t, start = None, None, [np.array([3, -4], np.int64)] * self.workers
+            elif leaf.kind == "bool":
+                c, t, start = None, None, [np.zeros(leaf.shape, bool)] * self.workers
+            else:
+                c, t = None, None
+                start = [np.asarray(jax.random.key_data(jax.random.key(7)))] * self.workers
+            self.curvature.append(c)
+            self.targets.append(t)
+            self.start.append(start)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [leaf.kind for leaf in self.leaves]
+
+    def worker_params0(self, w: int) -> list:
+        return [np.asarray(s[w]) for s in self.start]
+
+    def grads(self, call: int, w: int, params: list) -> list:
+        """Worker w's gradients at ``params`` (numpy leaves), in float64 / complex128."""
+        out = []
+        for i, (leaf, p) in enumerate(zip(self.leaves, params)):
+            if leaf.kind == "float":
+                out.append(self.curvature[i] * (np.asarray(p, np.complex128 if np.iscomplexobj(p)
+                           else np.float64) - self.targets[i][w]))  # fmt: skip
+            elif leaf.kind == "int":
+                out.append(np.full(leaf.shape, 1 + call % 2, np.int64))
+            elif leaf.kind == "bool":
+                out.append(np.arange(int(np.prod(leaf.shape))).reshape(leaf.shape) == call % 4)
+            else:
+                out.append(np.asarray(jax.random.key_data(jax.random.key(1000 * w + call))))
+        return out
+
+    # numpy leaf lists <-> the library's params dict
+
+    def to_tree(self, leaves: list, stacked: bool) -> dict:
+        """A params dict from numpy leaves (per worker, stacked on axis 0 when ``stacked``)."""
+        tree = {}
+        for leaf, value in zip(self.leaves, leaves):
+            if leaf.kind == "key":
+                tree[leaf.name] = jax.random.wrap_key_data(jnp.asarray(value, jnp.uint32))
+            elif leaf.kind == "float":
+                tree[leaf.name] = jnp.asarray(np.asarray(value).astype(leaf.dtype))
+            else:
+                tree[leaf.name] = jnp.asarray(np.asarray(value).astype(leaf.dtype))
+        if self.has_empty:
+            tree["empty"] = {}
+        return tree
+
+    def from_tree(self, tree: dict) -> list:
+        out = []
+        for leaf in self.leaves:
+            value = tree[leaf.name]
+            if leaf.kind == "key":
+                value = jax.random.key_data(value)
+            value = np.asarray(value)
+            if leaf.kind == "float":
+                value = value.astype(np.complex128 if value.dtype.kind == "c" else np.float64)
+            out.append(value)
+        return out
+
+    def stack(self, per_worker: list[list]) -> list:
+        return [np.stack([p[i] for p in per_worker]) for i in range(len(self.leaves))]
+
+    def unstack(self, leaves: list) -> list[list]:
+        return [[np.asarray(x)[w] for x in leaves] for w in range(self.workers)]
+
+
+# --- the reference side ------------------------------------------------------------------
+
+INNER_LR, INNER_BETA, ALPHA, PLAIN_LR = 0.1, 0.5, 0.5, 0.05
+
+
+def reference_outer(name: str):
+    return {
+        "alpha": None,
+        "adaptive": None,
+        "sgd": ref.SGD(ALPHA),
+        "nesterov": ref.NesterovSGD(0.7, 0.9),
+        "adam": ref.ComplexAdam(0.1),
+    }[name]
+
+
+def apply_leaf(kind: str, p, u, dtype):
+    if kind == "key":
+        return np.asarray(u)
+    if kind == "bool":
+        return np.asarray(p) | np.asarray(u)
+    if kind == "int":
+        return np.asarray(p) + np.asarray(u)
+    return ref.rounded_parts(np.asarray(p) + u, dtype)
+
+
+@dataclasses.dataclass
+class Record:
+    """After one call: every worker's params, phi (None where not synced), the sync stats."""
+
+    params: list[list]
+    slow: list
+    stats: tuple | None
+    synced: set  # the leaves that synced during this call
+
+
+def _synced_leaves(c: Combo, count_before: int, groups: list[list[int]], la: list[int]) -> set:
+    """The leaves (indices into all leaves) that sync on the call after ``count_before``."""
+    out = set()
+    for j, group in enumerate(groups):
+        if count_before + 1 == (j + 1) * (c.k // len(groups)):
+            out |= {la[n] for n in group}
+    return out
+
+
+def run_reference(c: Combo, problem: Problem) -> list[Record]:
+    kinds = problem.kinds
+    la = [i for i, leaf in enumerate(problem.leaves) if c.wrapper != "multi" or leaf.name != "w"]
+    sub = lambda xs: [xs[i] for i in la]  # noqa: E731
+    sub_kinds = sub(kinds)
+    sizes = [int(np.prod(problem.leaves[i].shape)) if kinds[i] == "float" else 0 for i in la]
+    groups = (
+        [[n for n, kind in enumerate(sub_kinds) if kind == "float"]]
+        if c.fragments == 1
+        else ref.fragment_groups(sizes, c.fragments)
+    )
+    params_dtypes = [leaf.dtype for leaf in problem.leaves]
+    slow_dtypes = []
+    for i in la:
+        leaf = problem.leaves[i]
+        if kinds[i] != "float":
+            slow_dtypes.append(None)
+        elif c.slow_dtype is None:
+            slow_dtypes.append(leaf.dtype)
+        elif np.dtype(leaf.dtype).kind == "c":
+            slow_dtypes.append(np.complex64)  # a complex leaf keeps complex slow weights
+        else:
+            slow_dtypes.append(DTYPES[c.slow_dtype])
+    alpha_rule = None
+    if c.slow_step == "adaptive":
+        curvature = [problem.curvature[i] if kinds[i] == "float" else None for i in la]
+        alpha_rule = ref.diagonal_line_search(curvature, 0.1)
+    comm = DTYPES[c.communication_dtype] if c.workers is not None else None
+    algorithm = ref.Workers(
+        ref.Mixed(INNER_LR, INNER_BETA, sub_kinds), c.k, kinds=sub_kinds, alpha=ALPHA,
+        outer=reference_outer(c.slow_step), alpha_rule=alpha_rule, inner_state=c.inner_state,
+        params_dtypes=sub(params_dtypes), slow_dtypes=slow_dtypes, communication_dtype=comm,
+        groups=groups,
+    )  # fmt: skip
+    params = [problem.worker_params0(w) for w in range(problem.workers)]
+    state = algorithm.init([sub(p) for p in params])
+
+    def full_slow():
+        slow = [None] * len(kinds)
+        for n, i in enumerate(la):
+            slow[i] = state.slow[n]
+        return slow
+
+    accumulated: list = []
+    history = []
+    for call in range(c.calls):
+        grads = [problem.grads(call, w, p) for w, p in enumerate(params)]
+        if c.wrapper == "chain_before":
+            grads = [[2.0 * g if k == "float" else g for g, k in zip(gs, kinds)] for gs in grads]
+        skipped = (c.wrapper == "apply_if_finite" and call == NAN_CALL) or (
+            c.wrapper == "multisteps" and call % 2 == 0
+        )
+        if c.wrapper == "multisteps" and call % 2 == 0:
+            accumulated = grads
+        if skipped:
+            history.append(Record([list(p) for p in params], full_slow(), state.stats, set()))
+            continue
+        if c.wrapper == "multisteps":
+            grads = [[(a + g) / 2 for a, g in zip(acc, gs)] for acc, gs in zip(accumulated, grads)]
+        synced = _synced_leaves(c, state.count, groups, la)
+        updates, state = algorithm.step([sub(g) for g in grads], state, [sub(p) for p in params])
+        new_params = []
+        for w, p in enumerate(params):
+            full = list(p)
+            for n, i in enumerate(la):
+                full[i] = apply_leaf(kinds[i], p[i], updates[w][n], params_dtypes[i])
+            if c.wrapper == "multi":
+                i = [leaf.name for leaf in problem.leaves].index("w")
+                full[i] = ref.rounded_parts(p[i] - PLAIN_LR * grads[w][i], params_dtypes[i])
+            new_params.append(full)
+        params = new_params
+        history.append(Record(params, full_slow(), state.stats, synced))
+    return history
+
+
+# --- the library side --------------------------------------------------------------------
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _floating(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def mixed_inner(lr: float, beta: float) -> optax.GradientTransformation:
+    """reference.Mixed in optax: optax.sgd(lr, momentum=beta) on the floating leaves (the
+    trace is an ``optax.TraceState`` with the params' structure, MaskedNode elsewhere); the
+    other leaves' updates are their grads."""
+
+    def init(params):
+        return optax.TraceState(
+            trace=jax.tree.map(
+                lambda p: jnp.zeros_like(p) if _floating(p) else optax.MaskedNode(), params
+            )
+        )
+
+    def update(updates, state, params=None):
+        def trace(g, t):
+            return g + beta * t if _floating(g) else optax.MaskedNode()
+
+        new_trace = jax.tree.map(trace, updates, state.trace, is_leaf=_is_masked)
+        new_updates = jax.tree.map(
+            lambda g, t: -lr * t if _floating(g) else g, updates, new_trace, is_leaf=_is_masked
+        )
+        return new_updates, optax.TraceState(trace=new_trace)
+
+    return optax.GradientTransformation(init, update)
+
+
+def apply_tree(params, updates):
+    """optax.apply_updates, except that the update of a PRNG key is the new key."""
+    return jax.tree.map(
+        lambda p, u: u if _is_key(p) else jnp.asarray(p + u).astype(p.dtype), params, updates
+    )
+
+
+def build_tx(c: Combo, problem: Problem) -> optax.GradientTransformation:
+    """The transformation of ``c`` (raises where the library refuses ``c``)."""
+    kwargs: dict[str, Any] = dict(k=c.k, inner_state=c.inner_state, fragments=c.fragments)
+    if c.slow_dtype is not None:
+        kwargs["slow_dtype"] = jnp.dtype(c.slow_dtype)
+    if c.communication_dtype is not None:
+        kwargs["communication_dtype"] = jnp.dtype(c.communication_dtype)
+    if c.workers == "axis":
+        kwargs["axis_name"] = "workers"
+    elif c.workers is not None:
+        kwargs["workers"] = c.workers
+    if c.slow_step == "alpha":
+        kwargs["alpha"] = ALPHA
+    elif c.slow_step == "adaptive":
+        curvature = {
+            leaf.name: optax.MaskedNode()
+            if c.wrapper == "multi" and leaf.name == "w"
+            else jnp.asarray(problem.curvature[i], jnp.float32)
+            if leaf.kind == "float"
+            else jnp.zeros(leaf.shape, jnp.float32)
+            for i, leaf in enumerate(problem.leaves)
+        }
+        if problem.has_empty:
+            curvature["empty"] = {}
+        kwargs["alpha"] = lo.adaptive_alpha(0.1, curvature=curvature)
+    else:
+        kwargs["outer"] = {
+            "sgd": lambda: optax.sgd(ALPHA),
+            "nesterov": lambda: optax.sgd(0.7, momentum=0.9, nesterov=True),
+            "adam": lambda: optax.adam(0.1),
+        }[c.slow_step]()
+    inner = mixed_inner(INNER_LR, INNER_BETA)
+    if c.wrapper == "inject":
+        static = ("inner", "outer", "inner_state", "slow_dtype", "communication_dtype",
+                  "workers", "axis_name", "fragments", "alpha" if c.slow_step == "adaptive"
+                  else "inner")  # fmt: skip
+        return optax.inject_hyperparams(lo.lookahead, static_args=static)(inner, **kwargs)
+    tx = lo.lookahead(inner, **kwargs)
+    if c.wrapper == "chain_before":
+        return optax.chain(optax.masked(optax.scale(2.0), lambda p: jax.tree.map(_floating, p)), tx)
+    if c.wrapper == "multisteps":
+        return optax.MultiSteps(tx, every_k_schedule=2)
+    if c.wrapper == "apply_if_finite":
+        return optax.apply_if_finite(tx, max_consecutive_errors=5)
+    if c.wrapper == "multi":
+        return optax.multi_transform(
+            {"la": tx, "plain": optax.sgd(PLAIN_LR)},
+            lambda p: {name: "plain" if name == "w" else jax.tree.map(lambda _: "la", v)
+                       for name, v in p.items()},  # fmt: skip
+        )
+    return tx
+
+
+def build_step(c: Combo, tx: optax.GradientTransformation) -> Callable:
+    """``step(params, opt_state, grads) -> (params, opt_state)`` through ``c.entry``."""
+    mapped = (lambda f: jax.vmap(f, axis_name="workers")) if c.workers == "axis" else (lambda f: f)
+    if c.entry == "static":
+        return lo.StaticSyncStep(
+            lambda p, s, g, *, sync: mapped(
+                lambda p, s, g: lo.update_and_apply(tx, g, s, p, sync=sync)
+            )(p, s, g)
+        )
+
+    def one(p, s, g):
+        if c.entry == "update_and_apply":
+            return lo.update_and_apply(tx, g, s, p)
+        updates, s = tx.update(g, s, p)
+        return apply_tree(p, updates), s
+
+    return jax.jit(mapped(one))
+
+
+def lookahead_state(opt_state) -> LookaheadState:
+    (state,) = [
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LookaheadState))
+        if isinstance(x, LookaheadState)
+    ]
+    return state
+
+
+@dataclasses.dataclass
+class Observed:
+    params: list[list]  # per worker, numpy leaves
+    slow: list[list]  # slow_params, per worker (one entry without a worker axis on the state)
+    stats: Any  # SyncStats as numpy, or None
+
+
+def run_library(c: Combo, problem: Problem) -> list[Observed]:
+    stacked = c.workers is not None
+    tx = build_tx(c, problem)
+    start = [problem.worker_params0(w) for w in range(problem.workers)]
+    params = problem.to_tree(problem.stack(start) if stacked else start[0], stacked)
+    opt_state = (jax.vmap(tx.init) if c.workers == "axis" else tx.init)(params)
+    step = build_step(c, tx)
+    slow_of = jax.jit(jax.vmap(lo.slow_params) if c.workers == "axis" else lo.slow_params)
+    history = []
+    for call in range(c.calls):
+        now = problem.from_tree(params)
+        per_worker = problem.unstack(now) if stacked else [now]
+        grads = [problem.grads(call, w, p) for w, p in enumerate(per_worker)]
+        if c.wrapper == "apply_if_finite" and call == NAN_CALL:
+            i = [leaf.name for leaf in problem.leaves].index("w")
+            for g in grads:
+                g[i] = np.full_like(g[i], np.nan)
+        grads_tree = problem.to_tree(problem.stack(grads) if stacked else grads[0], stacked)
+        params, opt_state = step(params, opt_state, grads_tree)
+        now = problem.from_tree(params)
+        slow = problem.from_tree(slow_of(opt_state, params))
+        if c.workers == "axis":
+            slow_per_worker = problem.unstack(slow)
+        else:
+            slow_per_worker = [slow]
+        stats = lookahead_state(opt_state).sync_stats
+        stats = None if stats is None else jax.tree.map(np.asarray, stats)
+        history.append(
+            Observed(problem.unstack(now) if stacked else [now], slow_per_worker, stats)
+        )
+    if c.entry == "static":
+        step.check()
+    return history
+
+
+# --- the comparison ----------------------------------------------------------------------
+
+TOLERANCE = {"float32": 2e-5, "complex64": 2e-5, "bfloat16": 3e-2, "float16": 4e-3}
+
+
+def tolerance(c: Combo, leaf: Leaf) -> float:
+    names = [np.dtype(leaf.dtype).name]
+    if c.slow_dtype is not None:
+        names.append(c.slow_dtype)
+    if c.communication_dtype is not None and c.workers is not None:
+        names.append(c.communication_dtype)
+    return max(TOLERANCE[n] for n in names)
+
+
+def _close(got, want, tol: float) -> bool:
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return False
+    return bool(np.all(np.abs(got - want) <= tol + tol * np.abs(want)))
+
+
+def compare(c: Combo, problem: Problem, got: list[Observed], want: list[Record]) -> dict:
+    """The checks that fail, each with its first failure: params, slow (slow_params on the
+    synced leaves), slow_other (slow_params elsewhere: the current params), stats, exact
+    (update_and_apply lands exactly on the slow weights at a sync)."""
+    failures: dict[str, str] = {}
+
+    def fail(check: str, call: int, message: str) -> None:
+        failures.setdefault(check, f"call {call}: {message}")
+
+    names = [leaf.name for leaf in problem.leaves]
+    for call, (g, r) in enumerate(zip(got, want)):
+        for w in range(problem.workers):
+            for i, leaf in enumerate(problem.leaves):
+                a, b = g.params[w][i], r.params[w][i]
+                ok = _close(a, b, tolerance(c, leaf)) if leaf.kind == "float" else (
+                    np.array_equal(a, b))  # fmt: skip
+                if not ok:
+                    fail("params", call, f"worker {w} leaf {names[i]}: {a} != reference {b}")
+        for slow in g.slow:
+            for i, leaf in enumerate(problem.leaves):
+                if r.slow[i] is not None:
+                    if not _close(slow[i], r.slow[i], tolerance(c, leaf)):
+                        fail("slow", call, f"leaf {names[i]}: {slow[i]} != reference {r.slow[i]}")
+                else:  # not synced: slow_params gives the current params
+                    current = [np.asarray(p[i]) for p in g.params]
+                    if not any(np.array_equal(slow[i], x) for x in current) and not (
+                        c.workers not in (None, "axis")
+                        and np.array_equal(slow[i], np.stack(current))
+                    ):
+                        fail("slow_other", call, f"leaf {names[i]}: {slow[i]} != {current[0]}")
+        if c.workers is not None and r.stats is not None:
+            norm, drift = r.stats
+            stat_tol = max(1e-4, *(tolerance(c, leaf) for leaf in problem.leaves
+                                   if leaf.kind == "float"))  # fmt: skip
+            if g.stats is None:
+                fail("stats", call, "no sync_stats")
+            else:
+                got_norm = np.asarray(g.stats.pseudo_gradient_norm)
+                got_drift = np.asarray(g.stats.worker_drift)
+                if c.workers == "axis":
+                    drift = [float(np.sqrt(np.mean(np.square(drift))))] * problem.workers
+                    got_drift = got_drift.reshape(-1)
+                if not _close(got_norm, np.broadcast_to(norm, got_norm.shape), stat_tol):
+                    fail("stats", call, f"pseudo_gradient_norm {got_norm} != reference {norm}")
+                if not _close(got_drift, np.reshape(drift, got_drift.shape), stat_tol):
+                    fail("stats", call, f"worker_drift {got_drift} != reference {drift}")
+        if c.entry != "update" and r.synced:
+            for i in sorted(r.synced):
+                leaf = problem.leaves[i]
+                if c.slow_dtype not in (None, np.dtype(leaf.dtype).name):
+                    continue
+                for w in range(problem.workers):
+                    if not np.array_equal(g.params[w][i], g.slow[0 if len(g.slow) == 1 else w][i]):
+                        fail("exact", call, f"worker {w} leaf {names[i]}: params "
+                             f"{g.params[w][i]} != slow weights {g.slow[0][i]} after the sync")  # fmt: skip
+    return failures
+
+
+def run_combo(c: Combo) -> dict[str, str]:
+    """Runs ``c``; the failed checks (see :func:`compare`; also crash and raises)."""
+    problem = Problem(c)
+    expected_error = refusal(c)
+    try:
+        got = run_library(c, problem)
+    except Exception as error:  # noqa: BLE001 (any exception is a result here)
+        message = f"{type(error).__name__}: {error}"
+        if expected_error is None:
+            return {"crash": message[:500]}
+        kind, pattern = expected_error
+        if not isinstance(error, kind) or not re.search(pattern, str(error)):
+            return {"raises": f"expected {kind.__name__} matching {pattern!r}, got {message[:400]}"}
+        return {}
+    if expected_error is not None:
+        return {"raises": f"expected {expected_error[0].__name__}, nothing raised"}
+    return compare(c, problem, got, run_reference(c, problem))
+
+
+def check(c: Combo) -> None:
+    failures = run_combo(c)
+    expected = expected_failures(c)
+    unexpected = {k: v for k, v in failures.items() if k not in expected}
+    fixed = {k: v for k, v in expected.items() if k not in failures}
+    message = []
+    if unexpected:
+        message.append("failed: " + "; ".join(f"[{k}] {v}" for k, v in unexpected.items()))
+    if fixed:
+        message.append(
+            "listed in KNOWN_BROKEN but passed (remove the entry): "
+            + "; ".join(f"[{k}] {v}" for k, v in fixed.items())
+        )
+    assert not message, f"{c}\n" + "\n".join(message)
+
+
+# --- the tests ---------------------------------------------------------------------------
+
+FAST = fast_set()
+
+
+@pytest.mark.parametrize("combo", FAST, ids=[f"fast{i}" for i in range(len(FAST))])
+def test_fast_combinations(combo):
+    check(combo)
+
+
+SLOW = [c for c in sample(1918, 160) if c not in set(FAST)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", SLOW, ids=[f"slow{i}" for i in range(len(SLOW))])
+def test_many_combinations(combo):
+    check(combo)
