@@ -40,6 +40,15 @@ tenth of it.
     python benchmarks/diloco.py --task digits          # digits only: 2 min
     python benchmarks/diloco.py --tune                 # the digits learning-rate sweep: 20 min
     python benchmarks/diloco.py --quick                # tiny runs for tests (~1 min: compiles)
+    python benchmarks/diloco.py --outer-sweep          # DiLoCo's outer lr x momentum: ~20 min
+
+``--outer-sweep`` (digits): outer lr in {0.35, 0.7, 1.0, 1.4} x Nesterov momentum in {0, 0.5,
+0.9} (1.0/0 is plain averaging, 0.7/0.9 DiLoCo's published setting) at k in {5, 20, 100}, each
+setting at each inner AdamW lr in {1e-4, ..., 1e-2}, 3 seeds, 400 steps; reports which setting
+wins at each k and by how much (paired over seeds) against averaging and 0.7/0.9, each at its
+best inner lr. The workers are vmapped on one device (the same arithmetic as the sharded runs;
+no bytes are counted), and all settings and seeds of one k are one compiled function. Writes
+``<out>/diloco_outer[_quick].{json,md,png}``.
     python benchmarks/diloco.py --out benchmarks/results   # rewrite the committed results
 
 Writes ``<out>/diloco[_<task>][_quick].{json,md,png}`` (``_<task>`` unless ``--task all``;
@@ -72,6 +81,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -119,6 +129,18 @@ QUICK_DIGITS = {"steps": 12, "batch_size": 4, "ks": (3, 5), "average_ks": (3,), 
                 "eval_every": 4, "weight_decay": 1e-4}  # fmt: skip
 QUICK_LM = {"steps": 8, "batch_size": 2, "ks": (4,), "seeds": 1, "eval_every": 4, "lr": None}
 QUICK_LM_MODEL = {"layers": 1, "d_model": 16, "heads": 2, "context": 16}
+# --outer-sweep: DiLoCo's outer lr x Nesterov momentum at each k, every setting at each of
+# the inner AdamW lrs (the outer step scales the averaged update, so the best inner lr moves
+# with it). (1.0, 0) is plain averaging, (0.7, 0.9) DiLoCo's published setting.
+OUTER_SWEEP = {
+    "steps": 400, "batch_size": 16, "ks": (5, 20, 100), "seeds": 3, "chunk": 50,
+    "weight_decay": 1e-4, "outer_lrs": (0.35, 0.7, 1.0, 1.4), "momenta": (0.0, 0.5, 0.9),
+    "inner_lrs": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+}  # fmt: skip
+QUICK_OUTER_SWEEP = {
+    "steps": 8, "batch_size": 4, "ks": (2, 4), "seeds": 2, "chunk": 4, "weight_decay": 1e-4,
+    "outer_lrs": (0.7, 1.0), "momenta": (0.0, 0.9), "inner_lrs": (1e-3, 3e-3),
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------ collective bytes
@@ -676,6 +698,256 @@ def tune_markdown(tuned: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------ outer sweep
+
+
+def outer_tx(inner_lr, outer_lr, momentum, k: int, weight_decay: float):
+    """DiLoCo on WORKERS workers: AdamW inside, SGD with Nesterov momentum outside.
+
+    All three hyperparameters may be traced (vmapped); momentum 0 is plain SGD on the
+    pseudo-gradient, so outer lr 1.0 with momentum 0 is plain averaging."""
+    inner = optax.adamw(inner_lr, weight_decay=weight_decay)
+    outer = optax.sgd(outer_lr, momentum=momentum, nesterov=True)
+    return lo.lookahead(inner, k=k, outer=outer, workers=WORKERS)
+
+
+def outer_sweep_runs(task: Task, cfg: dict, progress: bool = True) -> dict:
+    """Every (inner lr, outer lr, momentum, seed) at each k, on one device.
+
+    The 8 workers are the leading axis of the params (``lo.lookahead(..., workers=8)``), as
+    in the sharded runs but unsharded: the sweep measures loss, not bytes. At each k one
+    ``jit`` holds a ``lax.scan`` over ``chunk`` steps, vmapped over the outer settings and
+    the seeds; it is called once per inner lr and chunk. Returns ``loss`` and ``accuracy``
+    arrays [ks, inner lrs, outer lrs, momenta, seeds, chunks] (held-out, at
+    ``lo.slow_params`` after each chunk).
+    """
+    steps, chunk, seeds = cfg["steps"], cfg["chunk"], list(range(cfg["seeds"]))
+    if steps % chunk:
+        raise ValueError(f"steps ({steps}) must be a multiple of chunk ({chunk})")
+    outer_lrs, momenta = np.meshgrid(cfg["outer_lrs"], cfg["momenta"], indexing="ij")
+    hp = {"outer_lr": jnp.asarray(outer_lrs.ravel(), jnp.float32),
+          "momentum": jnp.asarray(momenta.ravel(), jnp.float32)}  # fmt: skip
+    data = [task.batches(seed, steps, cfg["batch_size"]) for seed in seeds]
+    xs = np.stack([x for x, _ in data])  # [S, steps, W, B, ...]
+    ys = np.stack([y for _, y in data])
+    params0 = jax.tree.map(lambda *p: jnp.stack(p), *[
+        lo.replicate(task.init(seed), WORKERS) for seed in seeds])  # fmt: skip
+    shape = (len(cfg["ks"]), len(cfg["inner_lrs"]), *outer_lrs.shape, len(seeds), steps // chunk)
+    loss, accuracy = np.full(shape, np.nan), np.full(shape, np.nan)
+    bar = tqdm(total=len(cfg["ks"]) * len(cfg["inner_lrs"]) * (steps // chunk),
+               desc="outer sweep", disable=not progress)  # fmt: skip
+    for a, k in enumerate(cfg["ks"]):
+
+        def tx_of(hp, inner_lr, k=k):
+            return outer_tx(inner_lr, hp["outer_lr"], hp["momentum"], k, cfg["weight_decay"])
+
+        def init_one(hp, inner_lr, params):
+            return tx_of(hp, inner_lr).init(params)
+
+        def chunk_one(hp, inner_lr, params, opt_state, x, y):
+            tx = tx_of(hp, inner_lr)
+
+            def step(carry, batch):
+                params, opt_state = carry
+                grads = jax.vmap(jax.grad(task.loss))(params, *batch)  # per worker
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), (x, y))
+            metrics = task.evaluate(lo.slow_params(opt_state, params))
+            return params, opt_state, metrics["loss"], metrics["accuracy"]
+
+        # outer settings outside, seeds inside; the batches are per seed
+        init_all = jax.jit(jax.vmap(jax.vmap(init_one, (None, None, 0)), (0, None, None)))
+        run_chunk = jax.jit(
+            jax.vmap(jax.vmap(chunk_one, (None, None, 0, 0, 0, 0)), (0, None, 0, 0, None, None)),
+            donate_argnums=(2, 3),
+        )
+        for b, inner_lr in enumerate(cfg["inner_lrs"]):
+            inner_lr = jnp.float32(inner_lr)
+            params = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(hp["momentum"]), *p.shape)),
+                                  params0)  # fmt: skip
+            opt_state = init_all(hp, inner_lr, params0)
+            for c in range(steps // chunk):
+                window = slice(c * chunk, (c + 1) * chunk)
+                params, opt_state, chunk_loss, chunk_acc = run_chunk(
+                    hp, inner_lr, params, opt_state, xs[:, window], ys[:, window]
+                )
+                loss[a, b, ..., c] = np.asarray(chunk_loss).reshape(*outer_lrs.shape, len(seeds))
+                accuracy[a, b, ..., c] = np.asarray(chunk_acc).reshape(loss.shape[2:5])
+                bar.set_postfix(k=k, inner_lr=f"{float(inner_lr):g}",
+                                best=f"{np.nanmin(loss[a, b, ..., c].mean(-1)):.4f}")  # fmt: skip
+                bar.update(1)
+            if int(np.asarray(opt_state.syncs).ravel()[0]) != steps // k:
+                raise AssertionError(f"{opt_state.syncs} syncs in {steps} steps with k={k}")
+    bar.close()
+    return {"loss": loss, "accuracy": accuracy}
+
+
+def paired(a, b) -> dict:
+    """a - b per seed (the same seeds: same initial weights and batches): mean, std, wins."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return {**summarise(diff), "a_lower_on": int((diff < 0).sum()), "seeds": int(diff.size)}
+
+
+def outer_sweep_report(cfg: dict, runs: dict) -> dict:
+    """Per k: each outer setting at its best inner lr, the winner, and its margins."""
+    final = runs["loss"][..., -1]  # [ks, inner, outer lrs, momenta, seeds]
+    final_acc = runs["accuracy"][..., -1]
+    per_k = {}
+    for a, k in enumerate(cfg["ks"]):
+        settings = {}
+        for i, olr in enumerate(cfg["outer_lrs"]):
+            for j, mu in enumerate(cfg["momenta"]):
+                means = np.where(np.isfinite(final[a, :, i, j]).all(-1),
+                                 final[a, :, i, j].mean(-1), np.inf)  # fmt: skip
+                b = int(np.argmin(means))
+                settings[f"{olr:g}/{mu:g}"] = {
+                    "outer_lr": olr, "momentum": mu, "best_inner_lr": cfg["inner_lrs"][b],
+                    "loss": summarise(final[a, b, i, j]),
+                    "accuracy": summarise(final_acc[a, b, i, j]),
+                    "by_inner_lr": {f"{lr:g}": summarise(final[a, n, i, j])
+                                    for n, lr in enumerate(cfg["inner_lrs"])},
+                    "_seeds": final[a, b, i, j],
+                }  # fmt: skip
+        ranked = sorted(settings, key=lambda key: (np.nan_to_num(
+            settings[key]["loss"]["mean"], nan=np.inf)))  # fmt: skip
+        winner = ranked[0]
+        margins = {}
+        for name, key in (("averaging", "1/0"), ("diloco", "0.7/0.9"), ("runner_up", ranked[1])):
+            if key in settings:
+                margins[name] = {"setting": key, "loss": settings[key]["loss"],
+                                 "winner_minus_it": paired(settings[winner]["_seeds"],
+                                                           settings[key]["_seeds"])}  # fmt: skip
+        for setting in settings.values():
+            del setting["_seeds"]
+        per_k[str(k)] = {"k": k, "syncs": cfg["steps"] // k, "winner": winner,
+                         "ranking": ranked, "margins": margins, "settings": settings}  # fmt: skip
+    return per_k
+
+
+def outer_sweep_markdown(report: dict) -> str:
+    cfg, env = report["config"], report["environment"]
+    lines = [
+        f"Command: `{report['command']}`", "",
+        f"Machine: {env['cpu']} ({env['cpus']} cores, shared), jax {env['jax']}, optax "
+        f"{env['optax']}, Python {env['python']}; {report['seconds']:.0f} s wall.", "",
+        f"digits MLP ({report['num_params']:,} parameters), {WORKERS} workers on disjoint shards "
+        f"of {report['info']['per_worker_shard']} training images, {cfg['steps']} steps of "
+        f"{cfg['batch_size']} examples per worker, AdamW inside (weight decay "
+        f"{cfg['weight_decay']:g}, constant lr), outer step `optax.sgd(lr, momentum=mu, "
+        f"nesterov=True)`, {cfg['seeds']} seeds (paired: each seed's initial weights and batches "
+        "are shared by every setting). Held-out loss on the test split at `lo.slow_params` after "
+        "the last step (a sync for every k). Each outer setting is shown at its best inner lr "
+        f"among {', '.join(f'{lr:g}' for lr in cfg['inner_lrs'])}, picked on the same held-out "
+        "split (the same optimism for every setting).", "",
+        "### Winner per k", "",
+        "| k (syncs) | winner: outer lr/momentum (inner lr) | held-out loss | accuracy (%) | "
+        "vs plain averaging 1/0 | vs DiLoCo 0.7/0.9 | vs runner-up |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+
+    def margin(m):
+        d = m["winner_minus_it"]
+        return (f"{m['setting']} at {m['loss']['mean']:.4f}: Δ {d['mean']:+.4f} ± {d['std']:.4f} "
+                f"(lower on {d['a_lower_on']}/{d['seeds']} seeds)")  # fmt: skip
+
+    for k, r in report["per_k"].items():
+        w = r["settings"][r["winner"]]
+        cells = [margin(r["margins"][n]) if n in r["margins"] else "—"
+                 for n in ("averaging", "diloco", "runner_up")]  # fmt: skip
+        lines.append(
+            f"| {k} ({r['syncs']}) | {r['winner']} ({w['best_inner_lr']:g}) | "
+            f"{_fmt(w['loss'])} | {_fmt(w['accuracy'], 2, 100)} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Δ: winner minus the other setting, per seed (each at its own best inner lr); "
+              "mean ± sample std over seeds.", ""]  # fmt: skip
+    for k, r in report["per_k"].items():
+        mus = cfg["momenta"]
+        lines += [f"### k = {k}: held-out loss at the best inner lr (that lr)", "",
+                  "| outer lr | " + " | ".join(f"momentum {m:g}" for m in mus) + " |",
+                  "|---" * (len(mus) + 1) + "|"]  # fmt: skip
+        for olr in cfg["outer_lrs"]:
+            cells = []
+            for mu in mus:
+                s = r["settings"][f"{olr:g}/{mu:g}"]
+                cells.append(f"{_fmt(s['loss'])} ({s['best_inner_lr']:g})"
+                             if math.isfinite(s["loss"]["mean"]) else "diverged")  # fmt: skip
+            lines.append(f"| {olr:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Every cell: held-out loss per inner lr", "",
+              "| k | outer lr/momentum | " + " | ".join(f"inner {lr:g}" for lr in cfg["inner_lrs"])
+              + " |", "|---" * (len(cfg["inner_lrs"]) + 2) + "|"]  # fmt: skip
+    for k, r in report["per_k"].items():
+        for key, s in r["settings"].items():
+            cells = [_fmt(v) if math.isfinite(v["mean"]) else "diverged"
+                     for v in s["by_inner_lr"].values()]  # fmt: skip
+            lines.append(f"| {k} | {key} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def outer_sweep_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = report["config"]
+    ks = list(report["per_k"])
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.8 * len(ks), 4.2), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        r = report["per_k"][k]
+        grid = np.array([[r["settings"][f"{o:g}/{m:g}"]["loss"]["mean"] for m in cfg["momenta"]]
+                         for o in cfg["outer_lrs"]], float)  # fmt: skip
+        grid[~np.isfinite(grid)] = np.nan
+        best = np.nanmin(grid)
+        image = ax.imshow(grid, cmap="viridis_r", vmin=best, vmax=min(np.nanmax(grid), 3 * best),
+                          aspect="auto")  # fmt: skip
+        for i, o in enumerate(cfg["outer_lrs"]):
+            for j, m in enumerate(cfg["momenta"]):
+                s = r["settings"][f"{o:g}/{m:g}"]
+                bold = "bold" if f"{o:g}/{m:g}" == r["winner"] else "normal"
+                ax.text(j, i, f"{s['loss']['mean']:.3f}\n±{s['loss']['std']:.3f}\n"
+                        f"({s['best_inner_lr']:g})", ha="center", va="center", fontsize=7,
+                        weight=bold,
+                        color="white" if grid[i, j] > best * 1.5 else "black")  # fmt: skip
+        ax.set_xticks(range(len(cfg["momenta"])), [f"{m:g}" for m in cfg["momenta"]])
+        ax.set_yticks(range(len(cfg["outer_lrs"])), [f"{o:g}" for o in cfg["outer_lrs"]])
+        ax.set_xlabel("outer Nesterov momentum")
+        ax.set_ylabel("outer lr")
+        ax.set_title(f"k = {k} ({r['syncs']} syncs): held-out loss\n(best inner lr in brackets)")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"DiLoCo, {WORKERS} workers, digits, {cfg['steps']} steps: outer settings "
+                 f"(mean ± std over {cfg['seeds']} seeds)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def outer_sweep(quick: bool, command: str, progress: bool) -> dict:
+    from _timing import machine_info
+
+    cfg = QUICK_OUTER_SWEEP if quick else OUTER_SWEEP
+    task = DigitsTask()
+    start = time.perf_counter()
+    runs = outer_sweep_runs(task, cfg, progress)
+    machine = machine_info()
+    return {
+        "command": command, "workers": WORKERS, "task": task.name, "info": task.info,
+        "num_params": task.num_params,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "environment": {"jax": jax.__version__, "optax": optax.__version__,
+                        "python": platform.python_version(), "cpu": machine["cpu"],
+                        "cpus": os.cpu_count(), "machine": platform.machine(),
+                        "device": "1 x cpu (workers vmapped on one device)"},
+        "per_k": outer_sweep_report(cfg, runs),
+        "curves": {"loss": runs["loss"].tolist(), "accuracy": runs["accuracy"].tolist(),
+                   "axes": ["k", "inner_lr", "outer_lr", "momentum", "seed", "chunk"]},
+        "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -685,6 +957,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(HERE.parent / "runs" / "diloco"))
     parser.add_argument("--quick", action="store_true", help="seconds: tiny runs, for tests")
     parser.add_argument("--tune", action="store_true", help="the digits learning-rate sweep")
+    parser.add_argument("--outer-sweep", action="store_true",
+                        help="digits: outer lr x momentum at k in {5, 20, 100}, each at its "
+                        "best inner lr")  # fmt: skip
     parser.add_argument("--lrs", type=float, nargs="+", help="--tune: these learning rates, "
                         "added to <out>/diloco_tune.json if it exists")  # fmt: skip
     parser.add_argument("--replot", action="store_true",
@@ -703,6 +978,19 @@ def main(argv=None) -> dict:
     mesh = jax.make_mesh((WORKERS,), ("workers",), devices=jax.devices()[:WORKERS])
     progress = not args.no_progress
     start = time.perf_counter()
+    if args.outer_sweep:
+        stem = "diloco_outer" + "_quick" * args.quick
+        if args.replot:
+            report = json.loads((out / f"{stem}.json").read_text())
+        else:
+            report = outer_sweep(args.quick, command, progress)
+            (out / f"{stem}.json").write_text(json.dumps(_jsonable(report), indent=1))
+        text = outer_sweep_markdown(report)
+        (out / f"{stem}.md").write_text(text)
+        outer_sweep_plot(report, out / f"{stem}.png")
+        print(text)
+        print(f"{report['seconds']} s; wrote {out}/{stem}.{{json,md,png}}")
+        return report
     if args.tune:
         path = out / "diloco_tune.json"
         previous = json.loads(path.read_text()) if args.lrs and path.is_file() else None
