@@ -159,12 +159,18 @@ def test_alpha_assignment_shown_does_not_retrace_and_the_weak_one_does():
     assert len(traces) == 2
 
 
-@pytest.fixture(scope="module")
-def built_site(tmp_path_factory):
-    """docs/ built to HTML with warnings as errors, in a fresh process and output directory."""
+def build_site(tmp_path_factory):
+    """docs/ built to HTML with warnings as errors, in a fresh process and output directory,
+    once per test session (tests/test_browser.py opens the same build)."""
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_nb")
-    out = tmp_path_factory.mktemp("docs") / "html"
+    site = tmp_path_factory.getbasetemp() / "docs-site"
+    out, failed = site / "html", site / "failed.txt"
+    if (site / "built").exists():
+        return out
+    if failed.exists():  # an earlier test of this session built it and failed
+        pytest.fail(failed.read_text())
+    site.mkdir(exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", DOCS, out],
         capture_output=True,
@@ -172,8 +178,16 @@ def built_site(tmp_path_factory):
         cwd=ROOT,
         timeout=600,
     )
-    assert result.returncode == 0, f"sphinx-build failed:\n{result.stdout}\n{result.stderr}"
+    if result.returncode != 0:
+        failed.write_text(f"sphinx-build failed:\n{result.stdout}\n{result.stderr}")
+        pytest.fail(failed.read_text())
+    (site / "built").touch()
     return out
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    return build_site(tmp_path_factory)
 
 
 @pytest.mark.slow
