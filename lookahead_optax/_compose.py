@@ -2,19 +2,71 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax._checks import is_inexact
-from lookahead_optax._slow import slow_params
-from lookahead_optax._state import find_states, replace_states
+from lookahead_optax._checks import is_inexact, is_masked
+from lookahead_optax._state import LookaheadState, find_states, replace_states
+
+# The largest difference between the params and the slow weights after a sync that passes,
+# in ulps of the params' dtype relative to max(|slow|, 1). A correct sync lands within a
+# rounding or two (p + (phi - p)); anything that scales or clips its update by even 1e-4
+# lands hundreds of ulps away (tests/test_compose.py checks both sides).
+TOLERANCE_ULPS = 16
 
 
-def _force_sync_next(opt_state: optax.OptState) -> optax.OptState:
-    """Every LookaheadState set one step before its sync."""
-    return replace_states(lambda state: state._replace(count=state.period - 1), opt_state)
+def _steps_since_sync(state: LookaheadState) -> Any:
+    return state.count
+
+
+def _set_steps_since_sync(opt_state: optax.OptState, counts: list[int]) -> optax.OptState:
+    """``opt_state`` with its i-th (outermost) LookaheadState's step counter set to counts[i]."""
+    values = iter(counts)
+
+    def set_count(state: LookaheadState) -> LookaheadState:
+        count = _steps_since_sync(state)
+        return state._replace(count=jnp.asarray(next(values), jnp.result_type(count)))
+
+    return replace_states(set_count, opt_state)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _ulps(p: Any, s: Any) -> float:
+    """max |p - s| / max(|s|, 1) in ulps of p's dtype (s broadcast over a worker axis of p)."""
+    eps = float(jnp.finfo(jnp.result_type(p)).eps)
+    p, s = np.asarray(p, np.complex128), np.asarray(s, np.complex128)
+    scale = np.maximum(np.abs(s), 1.0)
+    return float(np.max(np.abs(p - s) / scale, initial=0.0)) / eps
+
+
+def _synced_leaves(before: LookaheadState, after: LookaheadState, params: Any) -> dict[int, float]:
+    """{leaf index: ulps from the slow weights} for the leaves of params that this step synced
+    (their slow weights moved): the fragment that synced, or every leaf without fragments."""
+    slow_before = jax.tree.leaves(before.slow, is_leaf=is_masked)
+    slow_after = jax.tree.leaves(after.slow, is_leaf=is_masked)
+    leaves = jax.tree.leaves(params)
+    if len(leaves) != len(slow_after):
+        raise ValueError(
+            "check_composition: params must have the structure of the params tx was "
+            f"initialised with ({len(slow_after)} leaves), got {len(leaves)} leaves"
+        )
+    synced = {}
+    for i, (p, old, new) in enumerate(zip(leaves, slow_before, slow_after)):
+        if is_masked(new) or not is_inexact(p) or not np.size(new):
+            continue
+        if np.array_equal(np.asarray(old), np.asarray(new)):
+            continue  # not synced at this step (another fragment's leaf)
+        synced[i] = _ulps(p, new)
+    return synced
 
 
 def check_composition(
@@ -36,8 +88,10 @@ def check_composition(
     This runs ``tx`` from ``tx.init(params)`` with every lookahead set to sync
     at its next update (calling ``update`` up to ``max_calls`` times, for
     wrappers such as ``optax.MultiSteps`` that call it only every few steps)
-    and checks that after the sync the params equal
-    :func:`lookahead_optax.slow_params` within a few ulps. Call it once on
+    and checks that after the sync the params of the leaves that synced equal
+    the slow weights within a few ulps. With ``fragments > 1`` it does so
+    once for every fragment's sync point, each from ``tx.init(params)`` (with
+    ``workers``, every worker's params must land there). Call it once on
     your ``tx``, e.g. in a test; it is eager and cheap. It can only see what
     these ``grads`` provoke (default: standard normal gradients): a clip whose
     threshold they do not reach changes nothing here.
@@ -70,7 +124,8 @@ def check_composition(
     """
     tx = optax.with_extra_args_support(tx)
     opt_state = tx.init(params)
-    if not find_states(opt_state):
+    states = find_states(opt_state)
+    if not states:
         raise ValueError("check_composition found no lookahead in tx")
     if grads is None:
         leaves, treedef = jax.tree.flatten(params)
@@ -81,25 +136,60 @@ def check_composition(
                 for key, p in zip(keys, leaves)
             ]
         )
-    opt_state = _force_sync_next(opt_state)
-    syncs_before = [int(s.syncs) for s in find_states(opt_state)]
-    for _ in range(max_calls):
-        updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
-        params = optax.apply_updates(params, updates)
-        if [int(s.syncs) for s in find_states(opt_state)] != syncs_before:
-            break
-    else:
+    periods = [int(state.period) for state in states]
+
+    def trial(counts: list[int]) -> list[dict[int, float]]:
+        """From the initial state with these step counters, run tx until its lookaheads take
+        a step; per lookahead, the leaves that synced and their distance to the slow weights."""
+        state, current = _set_steps_since_sync(opt_state, counts), params
+        before = find_states(state)
+        for _ in range(max_calls):
+            updates, state = tx.update(grads, state, current, **extra_args)
+            current = optax.apply_updates(current, updates)
+            after = find_states(state)
+            stepped = [
+                int(_steps_since_sync(a)) != int(_steps_since_sync(b))
+                or int(a.syncs) != int(b.syncs)
+                for b, a in zip(before, after)
+            ]
+            if any(stepped):
+                return [_synced_leaves(b, a, current) for b, a in zip(before, after)]
         raise ValueError(f"no lookahead in tx synced within max_calls={max_calls} update calls")
-    slow = slow_params(opt_state, params)
-    worst = 0.0
-    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(slow)):
-        if not is_inexact(p):
+
+    # Every lookahead syncs (its last fragment, with fragments > 1) on the last step of a cycle.
+    found = trial([period - 1 for period in periods])
+    synced = [dict(leaves) for leaves in found]
+    # With fragments > 1, fragment j syncs at step (j + 1) * period / fragments: the first
+    # sync point is the smallest divisor of the period at which anything syncs, the others
+    # are its multiples. Without fragments the first trial synced every leaf and this stops.
+    for i, period in enumerate(periods):
+        flat = jax.tree.leaves(states[i].slow, is_leaf=is_masked)
+        covered = {
+            j for j, x in enumerate(flat) if not is_masked(x) and is_inexact(x) and np.size(x)
+        }
+        if covered <= set(synced[i]):
             continue
-        eps = float(jnp.finfo(jnp.result_type(p)).eps)
-        p, s = np.asarray(p, np.complex128), np.asarray(s, np.complex128)
-        scale = np.maximum(np.abs(s), 1.0)
-        worst = max(worst, float(np.max(np.abs(p - s) / scale, initial=0.0)) / eps)
-    if worst > 16:
+        first = None
+        for m in _divisors(period)[:-1]:
+            counts = [0] * len(periods)
+            counts[i] = m - 1
+            found = trial(counts)
+            for mine, new in zip(synced, found):
+                mine.update(new)
+            if found[i]:
+                first = m
+                break
+        if first is None:
+            continue
+        for m in range(2 * first, period, first):
+            if covered <= set(synced[i]):
+                break
+            counts = [0] * len(periods)
+            counts[i] = m - 1
+            for mine, new in zip(synced, trial(counts)):
+                mine.update(new)
+    worst = max((max(leaves.values(), default=0.0) for leaves in synced), default=0.0)
+    if worst > TOLERANCE_ULPS:
         raise ValueError(
             "something after the lookahead changed its updates: after a sync the params "
             f"differ from the slow weights by {worst:.3g} ulps (relative). Nothing may come "

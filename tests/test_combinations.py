@@ -5,6 +5,7 @@ messages, replicate/resize_workers, the argument and state checks, the type hint
 Each test here failed on the 0.3.0 tree and names the combination it guards.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -81,3 +82,50 @@ def test_slow_params_returns_the_current_value_of_leaves_that_never_sync(workers
     assert int(slow["step"]) == 3  # worker 0's with workers
     assert slow["flag"].dtype == jnp.bool_ and bool(slow["flag"])
     np.testing.assert_allclose(slow["w"], [0.9, 0.9], rtol=1e-6)  # synced at step 2, alpha 0.5
+
+
+# ---- check_composition ----
+
+MLP = {
+    "layer0": {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.full(4, 0.5)},
+    "layer1": {"w": jnp.linspace(2.0, -1.0, 8).reshape(4, 2), "b": jnp.array([1.0, -1.0])},
+}
+NESTEROV = optax.sgd(0.7, momentum=0.9, nesterov=True)
+
+
+@pytest.mark.parametrize(
+    ("fragments", "workers", "slow_step", "before"),
+    [
+        (2, None, "alpha", False),
+        (3, None, "outer", True),
+        (2, 2, "outer", False),
+        (3, 2, "alpha", True),
+    ],
+)
+def test_check_composition_accepts_every_correct_fragments_lookahead(
+    fragments, workers, slow_step, before
+):
+    """0.3.0 rejected these: it forced the last step of the cycle, where only the last fragment
+    syncs, and compared every leaf with the slow weights."""
+    kwargs = {"alpha": 0.5} if slow_step == "alpha" else {"outer": NESTEROV}
+    tx = lo.lookahead(optax.adam(0.1), k=6, fragments=fragments, workers=workers, **kwargs)
+    if before:  # something before the lookahead is allowed
+        tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    params = MLP if workers is None else lo.replicate(MLP, workers)
+    lo.check_composition(tx, params)
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+def test_check_composition_checks_every_fragment_sync(workers):
+    """Something after the lookahead that changes only the first fragment's updates (synced
+    at step k / fragments, not at the end of the cycle) is caught, and the last one too."""
+    params = MLP if workers is None else lo.replicate(MLP, workers)
+    for first in (True, False):
+        mask = jax.tree.map(lambda _: False, MLP)
+        mask["layer0" if first else "layer1"]["w"] = True  # layer0.w syncs at step 3 of 6
+        tx = optax.chain(
+            lo.lookahead(optax.adam(0.1), k=6, fragments=2, workers=workers),
+            optax.masked(optax.scale(1.001), mask),
+        )
+        with pytest.raises(ValueError, match="something after the lookahead changed its updates"):
+            lo.check_composition(tx, params)

@@ -468,3 +468,18 @@ def test_same_trajectory_as_optax_lookahead(k, alpha):
             jax.tree.leaves((params, slow)), jax.tree.leaves((wrapped.fast, wrapped.slow))
         ):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- check_composition's tolerance ----
+
+
+@pytest.mark.parametrize("factor", [1 + 1e-4, 1 - 1e-4])
+def test_check_composition_rejects_a_change_of_one_part_in_ten_thousand(factor):
+    """A scale by 1 +- 1e-4 after the lookahead moves the params a few dozen ulps off the slow
+    weights at a sync: rejected (a tolerance loosened to thousands of ulps, or 1e9, misses it),
+    while the same lookahead alone lands within the tolerance."""
+    params = initial_params()
+    tx = lo.lookahead(optax.sgd(0.5), k=3)
+    lo.check_composition(tx, params)
+    with pytest.raises(ValueError, match=r"changed its updates: .* by [0-9.e+]+ ulps"):
+        lo.check_composition(optax.chain(tx, optax.scale(factor)), params)
