@@ -587,9 +587,9 @@ def diagonal_line_search(curvature: Leaves, alpha_min: float) -> Callable[[SyncV
         for a, g, u, f, s in zip(curvature, view.grads, view.updates, view.fast, view.slow):
             if a is None:
                 continue
-            d = f - s
-            numerator += float(np.sum((g + a * u) * d))
-            denominator += float(np.sum(a * d * d))
+            d = f - s  # complex leaves as pairs of reals: <x, y> = Re(conj(x) y)
+            numerator += float(np.sum(np.real(np.conj(g + a * u) * d)))
+            denominator += float(np.sum(a * np.abs(d) ** 2))
         if denominator <= 0:
             return 1.0
         return float(np.clip(1.0 - numerator / denominator, alpha_min, 1.0))

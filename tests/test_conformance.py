@@ -23,7 +23,6 @@ value of every axis appears at least once; ``test_many_combinations`` (slow) run
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -101,7 +100,9 @@ def unsupported(c: Combo) -> str | None:
     if c.wrapper == "apply_if_finite" and "key" in c.leaves:
         return "optax.apply_if_finite calls isfinite on every leaf"
     if c.start == "distinct" and c.workers != 3:
-        return "distinct starting params need workers=3 (axis_name: each worker's init sees its own)"
+        return (
+            "distinct starting params need workers=3 (axis_name: each worker's init sees its own)"
+        )
     return None
 
 
@@ -162,40 +163,128 @@ def fast_set(seed: int = 18) -> list[Combo]:
         return got | {("leaf", leaf) for leaf in c.leaves}
 
     chosen, refused = [], {}
-    for combo in sample(seed, 4000):
+    candidates = sample(seed, 3000)
+    for combo in candidates:
         why = refusals(combo)
-        if why:
-            if len(why) == 1:
-                refused.setdefault(why[0], combo)
-            continue
-        if covers(combo) & wanted:
-            chosen.append(combo)
-            wanted -= covers(combo)
-        if not wanted and len(refused) == 5:
+        if len(why) == 1:
+            refused.setdefault(why[0], combo)
+    valid = [c for c in candidates if not refusals(c)]
+    while wanted:
+        # The first of the best; combinations known to be broken only where nothing else is.
+        best = max(valid, key=lambda c: (len(covers(c) & wanted), not broken_today(c)))
+        if not covers(best) & wanted:
             break
+        chosen.append(best)
+        wanted -= covers(best)
     assert not wanted, f"the sampler never covers {sorted(map(str, wanted))}"
     return chosen + list(refused.values())
 
 
 # --- known failures today (issue 18): flip by deleting the entry once the fix lands -------
 
+
 @dataclasses.dataclass(frozen=True)
 class Broken:
+    """Combinations (``applies``) where some of ``checks`` fail today, and why.
+
+    ``strict``: at least one of ``checks`` must still fail, so a fix is noticed (remove the
+    entry then). Not strict where the failure depends on rounding (it shows on some
+    combinations and not others)."""
+
     reason: str
     applies: Callable[[Combo], bool]
-    checks: frozenset  # the checks that fail (see run_combo); "crash" is any exception
+    checks: frozenset
+    strict: bool = True
 
 
-KNOWN_BROKEN: list[Broken] = []
+def _static_under_vmap(c: Combo) -> bool:
+    return c.entry == "static" and c.workers == "axis"
 
 
-def expected_failures(c: Combo) -> dict[str, str]:
-    out = {}
-    for broken in KNOWN_BROKEN:
-        if broken.applies(c):
-            for check in broken.checks:
-                out.setdefault(check, broken.reason)
-    return out
+KNOWN_BROKEN: list[Broken] = [
+    Broken(
+        "issue 18 (messages): StaticSyncStep / update_and_apply(sync=...) with fragments > 1 "
+        "fail with a message about 'exactly one lookahead reached through wrappers', not "
+        "about fragments",
+        lambda c: c.entry == "static" and c.fragments > 1 and not _static_under_vmap(c),
+        frozenset({"raises"}),
+    ),
+    Broken(
+        "issue 18 (silent wrong results): after a sync, update_and_apply's params are the "
+        "slow weights only up to rounding (p + (phi - p)) with workers / axis_name, and with "
+        "fragments > 1 (which take tx.update's path)",
+        lambda c: c.entry != "update" and (c.workers is not None or c.fragments > 1),
+        frozenset({"exact"}),
+        strict=False,
+    ),
+    Broken(
+        "found by this matrix, not in issue 18: StaticSyncStep under vmap(axis_name=...) "
+        "reads the per-worker (batched) count of the states as one Python int: 'TypeError: "
+        "only 0-dimensional arrays can be converted to Python scalars'",
+        _static_under_vmap,
+        frozenset({"crash", "raises"}),
+    ),
+    Broken(
+        "found by this matrix, not in issue 18: StaticSyncStep around apply_if_finite: a "
+        "step apply_if_finite skips does not advance the lookahead, the Python counter does; "
+        "the next sync raises RuntimeError ('a step ran with a sync that disagreed ...')",
+        lambda c: c.entry == "static" and c.wrapper == "apply_if_finite",
+        frozenset({"crash"}),
+    ),
+    Broken(
+        "found by this matrix, not in issue 18: adaptive_alpha's line search runs over every "
+        "leaf of params, not only the floating ones: int leaves change alpha, PRNG-key leaves "
+        "crash ('Cannot interpret key<fry> as a data type'), complex leaves crash ('Clip "
+        "received a complex value'); its sums should be real inner products of the synced "
+        "leaves",
+        lambda c: c.slow_step == "adaptive" and bool({"int", "key", "complex"} & set(c.leaves)),
+        frozenset({"crash", "params", "slow"}),
+    ),
+    Broken(
+        "found by this matrix, not in issue 18: adaptive_alpha counts bool leaves in its line "
+        "search (shows where the bool leaf moved during the cycle)",
+        lambda c: c.slow_step == "adaptive" and "bool" in c.leaves,
+        frozenset({"params", "slow"}),
+        strict=False,
+    ),
+    Broken(
+        "found by this matrix, not in issue 18: under optax.inject_hyperparams with complex "
+        "params, optax injects alpha as a complex64 array (0.5+0j, params' highest dtype) and "
+        "lookahead refuses it ('alpha must be a float in (0, 1] ...'); optax's own optimizers "
+        "accept their complex learning rate",
+        lambda c: c.wrapper == "inject" and "complex" in c.leaves and c.slow_step == "alpha",
+        frozenset({"crash"}),
+    ),
+]
+
+
+def applicable(c: Combo) -> list[Broken]:
+    """The KNOWN_BROKEN entries for ``c``: about its refusal if refused, else about its run."""
+    refused = refusal(c) is not None
+    return [
+        b
+        for b in KNOWN_BROKEN
+        if b.applies(c) and ("raises" in b.checks if refused else b.checks - {"raises"})
+    ]
+
+
+def broken_today(c: Combo) -> bool:
+    return any(b.strict for b in applicable(c))
+
+
+def check_against_known(c: Combo, failures: dict[str, str]) -> list[str]:
+    """What is wrong with ``failures`` given KNOWN_BROKEN: unexpected failures, and strict
+    entries none of whose checks failed any more."""
+    problems = []
+    entries = applicable(c)
+    covered = set().union(*(b.checks for b in entries))
+    for check, message in failures.items():
+        if check not in covered:
+            problems.append(f"failed: [{check}] {message}")
+    for broken in entries:
+        if broken.strict and not broken.checks & set(failures):
+            problems.append(f"listed in KNOWN_BROKEN but passed (remove it): {broken.reason}")
+    return problems
 
 
 # --- the problem: params, gradients ------------------------------------------------------
@@ -533,8 +622,10 @@ def build_tx(c: Combo, problem: Problem) -> optax.GradientTransformation:
     if c.wrapper == "multi":
         return optax.multi_transform(
             {"la": tx, "plain": optax.sgd(PLAIN_LR)},
-            lambda p: {name: "plain" if name == "w" else jax.tree.map(lambda _: "la", v)
-                       for name, v in p.items()},  # fmt: skip
+            lambda p: {
+                name: "plain" if name == "w" else jax.tree.map(lambda _: "la", v)
+                for name, v in p.items()
+            },  # fmt: skip
         )
     return tx
 
@@ -601,9 +692,7 @@ def run_library(c: Combo, problem: Problem) -> list[Observed]:
             slow_per_worker = [slow]
         stats = lookahead_state(opt_state).sync_stats
         stats = None if stats is None else jax.tree.map(np.asarray, stats)
-        history.append(
-            Observed(problem.unstack(now) if stacked else [now], slow_per_worker, stats)
-        )
+        history.append(Observed(problem.unstack(now) if stacked else [now], slow_per_worker, stats))
     if c.entry == "static":
         step.check()
     return history
@@ -682,9 +771,10 @@ def compare(c: Combo, problem: Problem, got: list[Observed], want: list[Record])
                 if c.slow_dtype not in (None, np.dtype(leaf.dtype).name):
                     continue
                 for w in range(problem.workers):
-                    if not np.array_equal(g.params[w][i], g.slow[0 if len(g.slow) == 1 else w][i]):
-                        fail("exact", call, f"worker {w} leaf {names[i]}: params "
-                             f"{g.params[w][i]} != slow weights {g.slow[0][i]} after the sync")  # fmt: skip
+                    slow = g.slow[0 if len(g.slow) == 1 else w][i]
+                    if not np.array_equal(g.params[w][i], slow):
+                        message = f"params {g.params[w][i]} != slow weights {slow} after the sync"
+                        fail("exact", call, f"worker {w} leaf {names[i]}: {message}")
     return failures
 
 
@@ -708,19 +798,8 @@ def run_combo(c: Combo) -> dict[str, str]:
 
 
 def check(c: Combo) -> None:
-    failures = run_combo(c)
-    expected = expected_failures(c)
-    unexpected = {k: v for k, v in failures.items() if k not in expected}
-    fixed = {k: v for k, v in expected.items() if k not in failures}
-    message = []
-    if unexpected:
-        message.append("failed: " + "; ".join(f"[{k}] {v}" for k, v in unexpected.items()))
-    if fixed:
-        message.append(
-            "listed in KNOWN_BROKEN but passed (remove the entry): "
-            + "; ".join(f"[{k}] {v}" for k, v in fixed.items())
-        )
-    assert not message, f"{c}\n" + "\n".join(message)
+    problems = check_against_known(c, run_combo(c))
+    assert not problems, f"{c}\n" + "\n".join(problems)
 
 
 # --- the tests ---------------------------------------------------------------------------
@@ -740,3 +819,174 @@ SLOW = [c for c in sample(1918, 160) if c not in set(FAST)]
 @pytest.mark.parametrize("combo", SLOW, ids=[f"slow{i}" for i in range(len(SLOW))])
 def test_many_combinations(combo):
     check(combo)
+
+
+# --- pairs that must agree with each other ----------------------------------------------
+
+
+def ulps(dtype) -> float:
+    return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
+
+
+def compare_runs(c: Combo, other: Combo, ulp_budget: float) -> list[str]:
+    """``c`` and ``other`` give the same params and slow weights at every call, within
+    ``ulp_budget`` ulps of each leaf's dtype (0: bit for bit)."""
+    problem = Problem(c)
+    got, want = run_library(c, problem), run_library(other, problem)
+    problems = []
+    for call, (a, b) in enumerate(zip(got, want)):
+        for name, xs, ys in (("params", a.params, b.params), ("slow", a.slow, b.slow)):
+            for x_leaves, y_leaves in zip(xs, ys):
+                for leaf, x, y in zip(problem.leaves, x_leaves, y_leaves):
+                    if ulp_budget == 0 or leaf.kind != "float":
+                        ok = np.array_equal(x, y, equal_nan=True)
+                    else:
+                        dtypes = [leaf.dtype, DTYPES[c.slow_dtype]]
+                        if c.workers is not None:
+                            dtypes.append(DTYPES[c.communication_dtype])
+                        tol = ulp_budget * max(ulps(d) for d in dtypes if d is not None)
+                        ok = bool(np.all(np.abs(x - y) <= tol * np.maximum(np.abs(y), 1)))
+                    if not ok:
+                        problems.append(f"call {call} {name} {leaf.name}: {x} != {y}")
+    return problems[:3]
+
+
+def pairs(combos: list[Combo]) -> list[tuple[Combo, Combo, float]]:
+    """For valid combinations: alpha=a against outer=optax.sgd(a) (bit for bit), and the
+    entry points against each other (update_and_apply computes the same step as one fused
+    program: a few ulps)."""
+    out = []
+    for c in combos:
+        if refusal(c) is not None or any(b.applies(c) for b in KNOWN_BROKEN):
+            continue
+        if c.slow_step == "alpha" and c.inner_state != "pullback":
+            out.append((c, dataclasses.replace(c, slow_step="sgd"), 0.0))
+        for entry in AXES["entry"]:
+            other = dataclasses.replace(c, entry=entry)
+            if (
+                entry != c.entry
+                and unsupported(other) is None
+                and refusal(other) is None
+                and not any(b.applies(other) for b in KNOWN_BROKEN)
+            ):
+                out.append((c, other, 8.0))
+                break
+    return out
+
+
+FAST_PAIRS = [
+    (c, dataclasses.replace(c, slow_step="sgd"), 0.0)
+    for c in [Combo(workers=3, fragments=2, communication_dtype="bfloat16", leaves=("complex",))]
+]
+SLOW_PAIRS = pairs(SLOW)[:40]
+
+
+def _pair_id(pair) -> str:
+    c, other, budget = pair
+    changed = [
+        f.name for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(other, f.name)
+    ]
+    return f"{changed[0]}:{getattr(c, changed[0])}-vs-{getattr(other, changed[0])}"
+
+
+@pytest.mark.parametrize("pair", FAST_PAIRS, ids=[_pair_id(p) for p in FAST_PAIRS])
+def test_fast_pairs_agree(pair):
+    c, other, budget = pair
+    problems = compare_runs(c, other, budget)
+    assert not problems, f"{c}\nagainst {other}:\n" + "\n".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", SLOW_PAIRS, ids=[_pair_id(p) for p in SLOW_PAIRS])
+def test_many_pairs_agree(pair):
+    test_fast_pairs_agree(pair)
+
+
+# --- mutations the matrix alone might miss: each has a test that fails on the broken copy ---
+
+
+def _steps_twice(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """A wrapper whose one call is two steps of ``tx`` on the same gradient."""
+    tx = optax.with_extra_args_support(tx)
+
+    def update(grads, state, params=None, **extra_args):
+        first, state = tx.update(grads, state, params, **extra_args)
+        second, state = tx.update(grads, state, optax.apply_updates(params, first), **extra_args)
+        return jax.tree.map(lambda a, b: a + b, first, second), state
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+@pytest.mark.parametrize("entry", ["update", "update_and_apply"])
+def test_a_wrapper_stepping_the_lookahead_twice_per_call_syncs_every_k_of_its_steps(entry):
+    """k = 3, six calls: twelve lookahead steps, four syncs. A sync decision that
+    update_and_apply made for the state it read must not reach the second step."""
+    tx = _steps_twice(lo.lookahead(optax.sgd(0.1), k=3, alpha=0.5))
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    opt_state = tx.init(params)
+
+    def step(p, s):
+        if entry == "update_and_apply":
+            return lo.update_and_apply(tx, p, s, p)  # grads = params: 0.5 |w|^2
+        updates, s = tx.update(p, s, p)
+        return optax.apply_updates(p, updates), s
+
+    step = jax.jit(step)
+    algorithm = ref.Lookahead(ref.SGD(0.1), 3, 0.5)
+    want = [np.array([1.0, -2.0, 0.5])]
+    ref_state = algorithm.init(want)
+    for call in range(6):
+        params, opt_state = step(params, opt_state)
+        grads = [want[0].copy()]
+        first, ref_state = algorithm.step(grads, ref_state, want)
+        middle = [want[0] + first[0]]
+        second, ref_state = algorithm.step(grads, ref_state, middle)
+        want = [middle[0] + second[0]]
+        np.testing.assert_allclose(params["w"], want[0], rtol=1e-5, err_msg=f"call {call}")
+    assert ref_state.syncs == 4
+    assert int(lookahead_state(opt_state).syncs) == 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 18 (tests that cannot fail today): fused_path_taken says True for a wrapper "
+    "that steps the lookahead twice, though one decision cannot cover its two steps",
+)
+def test_fused_path_is_not_claimed_for_a_wrapper_that_steps_the_lookahead_twice():
+    tx = _steps_twice(lo.lookahead(optax.sgd(0.1), k=3))
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    assert lo.fused_path_taken(tx, params, tx.init(params), params) is False
+
+
+def test_the_slow_weights_start_at_worker_0s_params():
+    """Workers that start apart (not from replicate): phi starts at worker 0's params."""
+    tx = lo.lookahead(optax.sgd(0.1), k=2, workers=3)
+    params = {"w": jnp.array([[1.0, 2.0], [3.0, 5.0], [-4.0, 0.5]])}
+    opt_state = tx.init(params)
+    np.testing.assert_array_equal(lo.slow_params(opt_state, params)["w"], [1.0, 2.0])
+
+
+def test_axis_name_under_vmap_matches_the_reference_with_its_sync_stats():
+    """Delta is the pmean of the workers' pseudo-gradients, the drift the root mean square of
+    their distances to the mean (pmean, not psum): compared with the reference every call."""
+    check(Combo(slow_step="nesterov", workers="axis", entry="update", leaves=("bf16",)))
+
+
+def test_workers_that_start_apart_match_the_reference():
+    check(Combo(slow_step="alpha", workers=3, start="distinct", entry="update_and_apply"))
+
+
+def test_new_workers_of_resize_workers_start_at_the_slow_weights():
+    tx = lo.lookahead(optax.sgd(0.1, momentum=0.5), k=3, workers=2)
+    params = {"w": jnp.array([[1.0, 2.0], [3.0, 5.0]])}
+    opt_state = tx.init(params)
+    grads = {"w": jnp.array([[0.5, -1.0], [2.0, 1.0]])}
+    updates, opt_state = tx.update(grads, opt_state, params)  # no sync: params left phi
+    params = optax.apply_updates(params, updates)
+    slow = np.asarray(lo.slow_params(opt_state, params)["w"])
+    assert not np.array_equal(np.asarray(params["w"][0]), slow)
+    new_params, new_state = lo.resize_workers(opt_state, params, 3)
+    np.testing.assert_array_equal(new_params["w"][:2], params["w"])  # kept
+    np.testing.assert_array_equal(new_params["w"][2], slow)  # the new worker: at phi
+    trace = lookahead_state(new_state).inner_state[0].trace["w"]
+    np.testing.assert_array_equal(trace[2], trace[0])  # with worker 0's inner state
