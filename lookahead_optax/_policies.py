@@ -12,13 +12,15 @@ decaying across syncs.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax._checks import is_inexact
+from lookahead_optax._tree import is_inexact, match_types
 
 
 def params_mask(inner: optax.GradientTransformation, inner_state: Any, policy: str) -> Any:
@@ -57,6 +59,14 @@ def reset(mask: Any, current: Any, fresh: Any) -> Any:
         if any(_holds_params(field) for field in mask):
             return fresh
         return type(current)(*(reset(m, c, f) for m, c, f in zip(mask, current, fresh)))
+    if dataclasses.is_dataclass(current) and not isinstance(current, type):  # a LookaheadState
+        names = [field.name for field in dataclasses.fields(current)]
+        if any(_holds_params(getattr(mask, name)) for name in names):
+            return fresh
+        return dataclasses.replace(
+            current,
+            **{n: reset(getattr(mask, n), getattr(current, n), getattr(fresh, n)) for n in names},
+        )
     if isinstance(current, (tuple, list)):
         return type(current)(reset(m, c, f) for m, c, f in zip(mask, current, fresh))
     if isinstance(current, dict):
@@ -80,12 +90,40 @@ def pullback(mask: Any, start: Any, end: Any, alpha: jax.Array) -> Any:
     return jax.tree.map(interpolate, mask, start, end)
 
 
-def match_types(new: Any, like: Any) -> Any:
-    """``new``'s leaves cast to ``like``'s dtypes (and weak types), for ``lax.cond``."""
+def at_sync(
+    policy: str,
+    inner: optax.GradientTransformation,
+    init: Callable[[Any], Any],
+    synced: bool | jax.Array,
+    inner_state: Any,
+    cycle_start: Any,
+    slow: Any,
+    params: Any,
+    alpha: jax.Array | None,
+) -> tuple[Any, Any]:
+    """The inner state and cycle start after this call, by ``policy`` (see ``inner_state``).
 
-    def match(n, old):
-        if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
-            return n
-        return jax.lax.convert_element_type(n, old.dtype)
+    ``init`` is the (per-worker) inner init; ``synced`` a Python bool or traced.
+    """
+    if policy == "keep":
+        return inner_state, None
 
-    return jax.tree.map(match, new, like)
+    def when_syncing(fn: Callable[[], Any], otherwise: Any) -> Any:
+        if isinstance(synced, bool):
+            return fn() if synced else otherwise
+        return jax.lax.cond(synced, fn, lambda: otherwise)
+
+    mask = params_mask(inner, inner_state, policy)
+    if policy == "reset":
+
+        def fresh_state():
+            restart = jax.tree.map(
+                lambda s, p: jnp.broadcast_to(s.astype(p.dtype), p.shape) if is_inexact(p) else p,
+                slow,
+                params,
+            )
+            return reset(mask, inner_state, match_types(init(restart), inner_state))
+
+        return when_syncing(fresh_state, match_types(inner_state, inner_state)), None
+    pulled = when_syncing(lambda: pullback(mask, cycle_start, inner_state, alpha), inner_state)
+    return pulled, when_syncing(lambda: pulled, cycle_start)

@@ -1,0 +1,97 @@
+"""How one update is arranged for XLA: the sync decided in Python, or traced.
+
+Measured on CPU with benchmarks/speed.py: simpler forms cost 2.5-4x the inner step and a
+params-sized temporary buffer. The notes, referred to by number elsewhere:
+
+1. The sync's ``lax.cond`` touches only the step's inputs. Its sync branch recomputes the
+   inner update from (grads, inner state, params) instead of taking it as an operand: an
+   inner update that flows into a cond is written to memory on every step. The non-sync
+   branch passes the slow weights (an input) through, free when donated.
+2. The returned update is one elementwise select in which the inner update appears once,
+   so XLA fuses it with the inner optimizer's arithmetic and the caller's
+   ``apply_updates``: it is never written to memory (``_sync.update_onto_slow``).
+3. The cond also returns a scalar True that gates the inner state read by the inner step
+   (``where(True, s, 0)`` is ``s`` exactly and fuses into its one consumer). The data
+   dependence runs the inner step after the cond; without it XLA cannot tell that the
+   cond reads the old inner state before the inner step overwrites it in place
+   (donation), and copies every params-sized inner state leaf on every step.
+4. Recomputing (note 1) would run the inner optimizer's effects (``jax.debug.callback``)
+   twice on sync steps. When the inner update has effects, or its result is needed before
+   the sync (adaptive alpha), it is computed once, before the cond, and passed in: the
+   price is one params-sized write per step.
+5. With the sync decided in Python (``update_and_apply``, whose ``lax.cond`` is around the
+   whole step) there is no cond here: the non-sync step is the inner step and never reads
+   the slow weights; the sync step computes the inner update once, fused with the slow
+   step and the caller's apply.
+
+Streaming (``fragments``) is the same arrangement once per fragment: one cond each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lookahead_optax._tree import gated, is_empty
+
+InnerStep = Callable[[Any], tuple[Any, Any]]  # inner state -> (updates, new inner state)
+SyncPart = Callable[[int, Any, Any, Any], tuple[Any, Any, Any]]  # j, u, outer, stats -> ...
+
+
+def has_effects(fn: Callable[[], Any]) -> bool:
+    """Whether tracing ``fn`` records side effects (callbacks, prints, ordered IO)."""
+    return bool(jax.make_jaxpr(fn)().effects)
+
+
+def fragment_syncs(count: jax.Array, period: jax.Array, fragments: int) -> list[jax.Array]:
+    """Whether each fragment syncs on the call that makes ``count`` steps of the cycle.
+
+    Fragment j syncs at step ``max(1, (j + 1) period // fragments)``; the last one at the
+    end of the cycle. A live ``period`` below ``fragments`` syncs several fragments on one
+    call rather than none.
+    """
+    last = [count >= period]
+    firsts = [count == jnp.maximum(1, (j + 1) * period // fragments) for j in range(fragments - 1)]
+    return firsts + last
+
+
+def run(
+    syncs: Sequence[bool | jax.Array],
+    parts: Sequence[Any],
+    outer_states: Sequence[Any],
+    stats: Any,
+    sync_part: SyncPart,
+    inner_step: InnerStep,
+    inner_state: Any,
+    inner_result: tuple[Any, Any] | None,
+) -> tuple[list[Any], list[Any], Any, tuple[Any, Any]]:
+    """The syncs of every fragment and the inner step, arranged per the notes above.
+
+    ``syncs`` are Python bools (note 5: ``inner_result`` given) or traced; ``inner_result``
+    is the inner step's result when it must run first (note 4), else None (notes 1 and 3).
+    Returns the new fragments, outer states, stats and the inner step's result.
+    """
+    new_parts, new_outer, gates = list(parts), list(outer_states), []
+    for j, (synced, part) in enumerate(zip(syncs, parts)):
+        if is_empty(part) or synced is False:
+            continue
+
+        def sync_branch(j=j, stats=stats):
+            updates = inner_step(inner_state)[0] if inner_result is None else inner_result[0]
+            return *sync_part(j, updates, outer_states[j], stats), jnp.array(True)
+
+        if synced is True:
+            new_parts[j], new_outer[j], stats, _ = sync_branch()
+            continue
+        unchanged = (parts[j], outer_states[j], stats, jnp.array(True))
+        new_parts[j], new_outer[j], stats, gate = jax.lax.cond(
+            synced, sync_branch, lambda unchanged=unchanged: unchanged
+        )
+        gates.append(gate)
+    if inner_result is None:  # notes 1 and 3
+        gate = jnp.logical_and.reduce(jnp.stack(gates)) if gates else jnp.array(True)
+        inner_result = inner_step(jax.tree.map(lambda s: gated(s, gate), inner_state))
+    return new_parts, new_outer, stats, inner_result

@@ -1,0 +1,110 @@
+r"""The algorithm: one sync of the slow weights.
+
+With :math:`\phi` the slow weights, :math:`\theta_w = p_w + u_w` worker w's fast weights
+after this call's inner update (one worker unless ``workers``/``axis_name``) and N workers:
+
+.. math::
+    \Delta = \phi - \tfrac1N \textstyle\sum_w \theta_w, \qquad
+    (v, s) = \mathrm{outer}(\Delta, s, \phi), \qquad
+    \phi \leftarrow \phi + v, \qquad \theta_w \leftarrow \phi.
+
+Lookahead (Zhang et al. 2019, Algorithm 1) is ``outer = -alpha * Delta``
+(:math:`\phi \leftarrow \phi + \alpha(\theta - \phi)`); SNOO and DiLoCo take
+``optax.sgd(lr, momentum, nesterov=True)``. A sync acts on one fragment of the leaves at a
+time (all of them unless ``fragments``); each fragment has its own outer state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lookahead_optax import _workers
+from lookahead_optax._state import SyncStats
+from lookahead_optax._tree import is_inexact, is_masked, match_types, promote
+
+OuterStep = Callable[[Any, Any, Any], tuple[Any, Any]]  # (Delta, outer state, phi) -> (v, state)
+
+
+class Where(NamedTuple):
+    """Where the workers are: ``workers`` (a leading axis) or ``axis_name`` (a collective)."""
+
+    workers: int | None
+    axis_name: Any
+    communication_dtype: Any
+
+
+def alpha_step(alpha: jax.Array) -> OuterStep:
+    """Lookahead's slow step as an outer step: ``v = -alpha Delta`` (``optax.sgd(alpha)``)."""
+
+    def step(delta: Any, outer_state: Any, slow: Any) -> tuple[Any, Any]:
+        return jax.tree.map(lambda d: d * -alpha.astype(d.dtype), delta), outer_state
+
+    return step
+
+
+def optax_step(outer: optax.GradientTransformationExtraArgs) -> OuterStep:
+    """Any optax transformation of the pseudo-gradient, with the slow weights as its params."""
+
+    def step(delta: Any, outer_state: Any, slow: Any) -> tuple[Any, Any]:
+        updates, new_state = outer.update(delta, outer_state, slow)
+        return updates, match_types(new_state, outer_state)
+
+    return step
+
+
+def pseudo_gradient(slow: Any, params: Any, inner_updates: Any) -> Any:
+    """``phi - (p + u)`` per worker, in the slow dtype; masked where ``slow`` is."""
+
+    def one(s: Any, p: Any, u: Any) -> Any:
+        if is_masked(s):
+            return s
+        return s - (p.astype(s.dtype) + jnp.asarray(u).astype(s.dtype))
+
+    return jax.tree.map(one, slow, params, inner_updates, is_leaf=is_masked)
+
+
+def sync(
+    slow: Any,
+    outer_state: Any,
+    stats: SyncStats | None,
+    params: Any,
+    inner_updates: Any,
+    outer_step: OuterStep,
+    where: Where,
+) -> tuple[Any, Any, SyncStats | None]:
+    """One sync of the (fragment's) slow weights ``slow``: new slow, outer state and stats."""
+    per_worker = pseudo_gradient(slow, params, inner_updates)
+    delta = jax.tree.map(lambda d: _workers.mean(d, where), per_worker)
+    if stats is not None:
+        stats = _workers.sync_stats(per_worker, delta, stats, where)
+    moves, outer_state = outer_step(delta, outer_state, slow)
+    new_slow = jax.tree.map(
+        lambda s, v: s if is_masked(s) else s + v.astype(s.dtype), slow, moves, is_leaf=is_masked
+    )
+    return new_slow, outer_state, stats
+
+
+def update_onto_slow(slow: Any, p: Any, u: Any, synced: bool | jax.Array) -> Any:
+    """The returned update: ``slow - p`` where ``synced``, else the inner update ``u``.
+
+    ``synced`` is a Python bool (no select) or traced (one select that XLA fuses with the
+    inner optimizer's arithmetic and the caller's ``apply_updates``: the inner update is
+    never written to memory). The dtype is the wider of ``u``'s and ``p``'s: f32 params
+    with bf16 grads land on f32 slow weights. ``p + (slow - p)`` is ``slow`` exactly when
+    ``slow / 2 <= p <= 2 slow`` (Sterbenz); otherwise it is within half an ulp of
+    ``|slow - p|`` (``update_and_apply`` lands exactly: it sets the params itself).
+    """
+    if is_masked(slow) or not is_inexact(p):
+        return u
+    u = jnp.asarray(u)
+    out_dtype = promote(u.dtype, p.dtype)
+    if synced is False:
+        return u.astype(out_dtype)
+    wide = promote(slow.dtype, p.dtype)
+    to_slow = (slow.astype(wide) - p.astype(wide)).astype(out_dtype)
+    return to_slow if synced is True else jnp.where(synced, to_slow, u.astype(out_dtype))
