@@ -259,9 +259,26 @@ def write_source_files(app, exception):
         pathlib.Path(f"{out}.html").write_text(page, encoding="utf-8")
 
 
+# Inline code may break after . _ / ( , = (a <wbr>, which copying ignores), not inside a word:
+# a long name in a narrow table column or on a phone wraps at its parts.
+CODE_BREAK = re.compile(r"(?<=[._/(,=])(?=[\w\"'(\[])")
+
+
+def code_break_points(doctree):
+    for literal in list(doctree.findall(nodes.literal)):
+        for text in list(literal.findall(nodes.Text)):
+            pieces = CODE_BREAK.split(text.astext())
+            if len(pieces) > 1:
+                parts = [nodes.Text(pieces[0])]
+                for piece in pieces[1:]:
+                    parts += [nodes.raw("", "<wbr>", format="html"), nodes.Text(piece)]
+                text.parent.replace(text, parts)
+
+
 def doctree_resolved(app, doctree, docname):
     link_source_files(app, doctree, docname)
     keep_numbers_whole(doctree)
+    code_break_points(doctree)
     link_images_to_full_size(app, doctree, docname)
 
 
