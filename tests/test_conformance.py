@@ -663,6 +663,7 @@ class Observed:
     params: list[list]  # per worker, numpy leaves
     slow: list[list]  # slow_params, per worker (one entry without a worker axis on the state)
     stats: Any  # SyncStats as numpy, or None
+    dtypes: dict  # {"params": [...], "slow": [...]}: the leaves' dtype names (keys: None)
 
 
 def run_library(c: Combo, problem: Problem) -> list[Observed]:
@@ -685,14 +686,21 @@ def run_library(c: Combo, problem: Problem) -> list[Observed]:
         grads_tree = problem.to_tree(problem.stack(grads) if stacked else grads[0], stacked)
         params, opt_state = step(params, opt_state, grads_tree)
         now = problem.from_tree(params)
-        slow = problem.from_tree(slow_of(opt_state, params))
+        slow_tree = slow_of(opt_state, params)
+        slow = problem.from_tree(slow_tree)
         if c.workers == "axis":
             slow_per_worker = problem.unstack(slow)
         else:
             slow_per_worker = [slow]
         stats = lookahead_state(opt_state).sync_stats
         stats = None if stats is None else jax.tree.map(np.asarray, stats)
-        history.append(Observed(problem.unstack(now) if stacked else [now], slow_per_worker, stats))
+        dtypes = {
+            name: [None if leaf.kind == "key" else jnp.dtype(tree[leaf.name].dtype).name
+                   for leaf in problem.leaves]
+            for name, tree in (("params", params), ("slow", slow_tree))
+        }  # fmt: skip
+        observed = problem.unstack(now) if stacked else [now]
+        history.append(Observed(observed, slow_per_worker, stats, dtypes))
     if c.entry == "static":
         step.check()
     return history
@@ -722,13 +730,25 @@ def _close(got, want, tol: float) -> bool:
 def compare(c: Combo, problem: Problem, got: list[Observed], want: list[Record]) -> dict:
     """The checks that fail, each with its first failure: params, slow (slow_params on the
     synced leaves), slow_other (slow_params elsewhere: the current params), stats, exact
-    (update_and_apply lands exactly on the slow weights at a sync)."""
+    (update_and_apply lands exactly on the slow weights at a sync), dtype (of the params, and
+    of slow_params: slow_dtype where given, complex64 for complex leaves then)."""
     failures: dict[str, str] = {}
 
     def fail(check: str, call: int, message: str) -> None:
         failures.setdefault(check, f"call {call}: {message}")
 
     names = [leaf.name for leaf in problem.leaves]
+    for i, leaf in enumerate(problem.leaves):
+        if leaf.kind == "key":
+            continue
+        wanted = {"params": np.dtype(leaf.dtype).name, "slow": np.dtype(leaf.dtype).name}
+        if want[-1].slow[i] is not None and c.slow_dtype is not None:
+            complex_leaf = np.dtype(leaf.dtype).kind == "c"
+            wanted["slow"] = "complex64" if complex_leaf else c.slow_dtype
+        for name in ("params", "slow"):
+            dtype = got[-1].dtypes[name][i]
+            if dtype != wanted[name]:
+                fail("dtype", len(got) - 1, f"{name} {leaf.name}: {dtype}, not {wanted[name]}")
     for call, (g, r) in enumerate(zip(got, want)):
         for w in range(problem.workers):
             for i, leaf in enumerate(problem.leaves):
