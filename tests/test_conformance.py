@@ -1010,3 +1010,38 @@ def test_new_workers_of_resize_workers_start_at_the_slow_weights():
     np.testing.assert_array_equal(new_params["w"][2], slow)  # the new worker: at phi
     trace = lookahead_state(new_state).inner_state[0].trace["w"]
     np.testing.assert_array_equal(trace[2], trace[0])  # with worker 0's inner state
+
+
+@pytest.mark.parametrize(
+    "communication_dtype, scale", [("bfloat16", 1.0), ("float16", 3e4)], ids=["bf16", "fp16"]
+)
+def test_communication_dtype_rounds_each_workers_delta_and_their_mean_once(
+    communication_dtype, scale
+):
+    """Three workers whose pseudo-gradients are exact in float32 and not in the exchange dtype:
+    each Delta_w is rounded to it, the mean taken in float32 or wider and rounded once (no
+    fp16 overflow from a sum of 3 x 3e4, no bf16 accumulation), complex parts apart.
+    alpha = 1 after one step of sgd(1) from phi = 0: the slow weights are -Delta."""
+    rng = np.random.default_rng(3)
+    real = (scale * rng.uniform(0.5, 2.0, (3, 4))).astype(np.float32)
+    parts = (scale * rng.uniform(0.5, 2.0, (2, 3, 2))).astype(np.float32)
+    cplx = (parts[0] + 1j * parts[1]).astype(np.complex64)
+    tx = lo.lookahead(
+        optax.sgd(1.0),
+        k=1,
+        alpha=1.0,
+        workers=3,
+        communication_dtype=jnp.dtype(communication_dtype),
+    )
+    params = {"r": jnp.zeros((3, 4), jnp.float32), "c": jnp.zeros((3, 2), jnp.complex64)}
+    opt_state = tx.init(params)
+    _, opt_state = tx.update({"r": real, "c": cplx}, opt_state, params)
+    slow = lo.slow_params(opt_state, params)
+    comm = DTYPES[communication_dtype]
+
+    def expected(deltas):  # Delta_w = g_w exactly (theta_w = -g_w, phi = 0)
+        return -ref.rounded_parts(np.mean([ref.rounded_parts(d, comm) for d in deltas], 0), comm)
+
+    np.testing.assert_allclose(slow["r"], expected(real.astype(np.float64)), rtol=1e-6)
+    np.testing.assert_allclose(slow["c"], expected(cplx.astype(np.complex128)), rtol=1e-6)
+    assert np.all(np.isfinite(slow["r"])) and np.all(np.imag(slow["c"]) != 0)
