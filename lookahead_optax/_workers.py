@@ -120,8 +120,9 @@ def per_worker(
     """
 
     def init(params: optax.Params) -> optax.OptState:
-        if not all(hasattr(p, "shape") for p in jax.tree.leaves(params)):
-            return inner.init(params)  # placeholders (optax.tree_map_params): structure only
+        leaves = jax.tree.leaves(params)
+        if not leaves or not all(isinstance(p, (jax.Array, np.ndarray)) for p in leaves):
+            return inner.init(params)  # a placeholder (optax.tree_map_params): structure only
         return shard_worker_axis_like(jax.vmap(inner.init)(params), params)
 
     def update(updates, state, params=None, **extra_args):
@@ -157,7 +158,10 @@ def shard_worker_axis_like(tree: Any, params: Any) -> Any:
     moving them onto the params' worker sharding is a local slice, no communication.
     Nothing to do on Auto meshes and single devices.
     """
-    sharding = getattr(jax.typeof(jax.tree.leaves(params)[0]), "sharding", None)
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        return tree
+    sharding = getattr(jax.typeof(leaves[0]), "sharding", None)
     spec = getattr(sharding, "spec", None)
     if not spec or spec[0] is None:
         return tree

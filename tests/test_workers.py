@@ -5,13 +5,16 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import lookahead_optax as lo
+from benchmarks import _hlo
 from tests import reference as ref
+from tests.helpers import run_steps
 
 WORKERS, K, STEPS = 4, 3, 8
 PROBLEM = ref.LogisticQuadratic()
@@ -39,21 +42,7 @@ def initial_params():
 
 
 def run(tx, fused=False, steps=STEPS):
-    def step(params, opt_state):
-        grads = stacked_grads(params)
-        if fused:
-            return lo.update_and_apply(tx, grads, opt_state, params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    step = jax.jit(step)
-    params = lo.replicate(initial_params(), WORKERS)
-    opt_state = tx.init(params)
-    history = []
-    for _ in range(steps):
-        params, opt_state = step(params, opt_state)
-        history.append((params, opt_state))
-    return history
+    return run_steps(tx, lo.replicate(initial_params(), WORKERS), stacked_grads, steps, fused)
 
 
 OUTERS = {
@@ -175,27 +164,6 @@ def test_axis_name_in_shard_map_equals_workers():
 
 # ---- sharded over a "workers" mesh axis: no communication between syncs ----
 
-_COLLECTIVE = re.compile(
-    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\("
-)
-
-
-def _computations(hlo: str) -> dict[str, str]:
-    return {c.split(" ", 1)[0].lstrip("%"): c for c in re.split(r"\n(?=\S)", hlo)}
-
-
-def _all_reduce_bytes(text: str) -> list[int]:
-    """Bytes of each all-reduce's result (a tuple when XLA combines several) in HLO text."""
-    sizes = []
-    text = re.sub(r"/\*.*?\*/", "", text)  # XLA's /*index=5*/ comments inside long tuples
-    for result in re.findall(r"= (\([^=]*?\)|\S+) all-reduce(?:-start)?\(", text):
-        total = 0
-        for dtype, dims in re.findall(r"([a-z]+[0-9]+)\[([0-9,]*)\]", result):
-            count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-            total += count * {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4}[dtype]
-        sizes.append(total)
-    return sizes
-
 
 def _compiled_step(axis_type, communication_dtype=None, fused=False):
     devices = 8
@@ -227,51 +195,33 @@ def _compiled_step(axis_type, communication_dtype=None, fused=False):
 def test_no_collective_outside_the_sync_and_one_params_worth_inside(axis_type, fused):
     hlo, params = _compiled_step(axis_type, fused=fused)
     params_bytes = sum(p.size * 4 for p in jax.tree.leaves(params))
-    computations = _computations(hlo)
-    branches = re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+    computations = _hlo.computations(hlo)
+    branches = _hlo.branches(hlo)
     assert branches, "the sync is a conditional"
     in_branches = collections.Counter()
     per_branch = []
     for names in branches:
-        for name in names.split(","):
-            text = _reachable(computations, name.strip().lstrip("%"))
-            per_branch.append(sum(_all_reduce_bytes(text)))
-            in_branches.update(_COLLECTIVE.findall(text))
-    everything = collections.Counter(_COLLECTIVE.findall(hlo))
+        for name in names:
+            text = _hlo.reachable(computations, name)
+            per_branch.append(sum(_hlo.all_reduce_bytes(text)))
+            in_branches.update(_hlo.count_collectives(text))
+    everything = _hlo.count_collectives(hlo)
     assert everything == in_branches, "a collective outside the sync's conditional"
     # One branch moves nothing; the sync branch all-reduces exactly one params' worth.
     assert sorted(per_branch)[0] == 0
     assert max(per_branch) == params_bytes
 
 
-def _reachable(computations: dict[str, str], root: str) -> str:
-    """The text of a computation and every computation it calls."""
-    seen, stack, texts = set(), [root], []
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in computations:
-            continue
-        seen.add(name)
-        text = computations[name]
-        texts.append(text)
-        stack += re.findall(
-            r"(?:calls|to_apply|branch_computations=\{|body|condition)=?%?([\w.\-]+)", text
-        )
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", text):
-            stack += [n.strip().lstrip("%") for n in group.split(",")]
-    return "\n".join(texts)
+def test_a_bf16_communication_dtype_rounds_each_worker_and_accumulates_in_f32():
+    """Each worker's pseudo-gradient is rounded to bf16 (the exchanged values), the mean over
+    the worker axis accumulates in f32 (MaxText's averaging: no fp16 overflow, no bf16
+    accumulation error), one params' worth reduced once per sync.
 
-
-def test_a_bf16_communication_dtype_halves_the_sync_bytes():
-    """The program asks for a bf16 reduction over the worker axis: half the bytes of f32.
-
-    XLA:CPU then widens bf16 all-reduces to f32 (its compiled HLO moves 4 bytes per
-    param either way, so the halving is not measurable here); GPU collectives (NCCL)
-    reduce bf16 natively. So this checks what we ask XLA for, in the lowered program.
+    The f32 reduction is what the lowered program asks for; a narrow wire with f32
+    accumulation needs an all-to-all exchange, not an all-reduce.
     """
     params = initial_params()
     num_params = sum(p.size for p in jax.tree.leaves(params))
-    reductions = {}
     for dtype in (None, jnp.bfloat16):
         tx = lo.lookahead(optax.sgd(0.1), k=K, workers=WORKERS, communication_dtype=dtype)
         stacked = lo.replicate(params, WORKERS)
@@ -281,15 +231,13 @@ def test_a_bf16_communication_dtype_halves_the_sync_bytes():
             r"\[0\] : \(tensor<(\d+)x([0-9x]*?)x?(bf16|f32)>",
             lowered,
         )
-        # Keep the reductions of the worker axis (leading dim N); the sync statistics' norms
-        # reduce other axes.
-        reductions[dtype] = [f for f in found if int(f[0]) == WORKERS]
-    for dtype, element in ((None, "f32"), (jnp.bfloat16, "bf16")):
-        found = reductions[dtype]
-        assert {f[2] for f in found} == {element}
+        found = [f for f in found if int(f[0]) == WORKERS]  # the worker axis, not the norms
+        assert {f[2] for f in found} == {"f32"}
         counted = sum(int(np.prod([int(d) for d in f[1].split("x") if d] or [1])) for f in found)
         assert counted == num_params  # one params' worth, reduced once per sync
-        assert all(int(f[0]) == WORKERS for f in found)
+        rounded = re.findall(rf"convert %\S+ : \(tensor<{WORKERS}x[0-9x]*f32>\) -> "
+                             rf"tensor<{WORKERS}x[0-9x]*bf16>", lowered)
+        assert bool(rounded) == (dtype is not None)
 
 
 @pytest.mark.parametrize(
@@ -363,13 +311,12 @@ def test_fragments_cut_the_peak_bytes_of_a_sync_and_keep_the_total():
 
         with jax.set_mesh(mesh):
             hlo = jax.jit(step).lower(params, opt_state, params).compile().as_text()
-        computations = _computations(hlo)
-        sizes = []
-        for names in re.findall(r"branch_computations=\{([^}]*)\}", hlo):
-            for name in names.split(","):
-                sizes.append(
-                    sum(_all_reduce_bytes(_reachable(computations, name.strip().lstrip("%"))))
-                )
+        computations = _hlo.computations(hlo)
+        sizes = [
+            sum(_hlo.all_reduce_bytes(_hlo.reachable(computations, name)))
+            for names in _hlo.branches(hlo)
+            for name in names
+        ]
         per_branch[fragments] = sorted(b for b in sizes if b)
     params_bytes = 4 * sum(p.size for p in jax.tree.leaves(initial_params()))
     assert per_branch[1] == [params_bytes]
@@ -404,3 +351,134 @@ def test_workers_under_inject_hyperparams_must_be_static():
         optax.sgd(0.1), k=2, workers=2
     )
     assert tx.init(params).inner_state.slow["w"].shape == (3,)
+
+
+# --- where workers meet the other features ---------------------------------------------------
+
+
+def test_complex_params_keep_their_imaginary_part_over_a_real_communication_dtype():
+    """A complex Delta travels as its two real parts: the imaginary part of phi moves."""
+    z0 = np.asarray([1.0 + 1.0j, -0.5 + 2.0j])
+    workers, k = 2, 2
+    targets = np.asarray([0.0, 1.0 + 1.0j])
+    tx = lo.lookahead(
+        optax.sgd(0.1), k=k, workers=workers, communication_dtype=jnp.float32, alpha=0.5
+    )
+    params = lo.replicate({"z": jnp.asarray(z0, jnp.complex64)}, workers)
+    state = tx.init(params)
+    for _ in range(k):
+        grads = jax.tree.map(lambda p: p - jnp.asarray(targets, jnp.complex64)[:, None], params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    # By hand: k SGD steps per worker on 0.5 |z - t_w|^2, then phi <- phi - 0.5 mean(Delta).
+    theta = [z0 + (1 - 0.9**k) * (t - z0) for t in targets]
+    deltas = [z0 - t for t in theta]
+    phi = z0 - 0.5 * np.mean(deltas, axis=0)
+    got = lo.slow_params(state, params)["z"]
+    np.testing.assert_allclose(got, phi, rtol=1e-6)
+    assert np.abs(np.imag(got) - np.imag(z0)).max() > 1e-3  # the imaginary part moved
+    mean_delta = np.mean(deltas, axis=0)
+    np.testing.assert_allclose(
+        state.sync_stats.pseudo_gradient_norm, np.linalg.norm(mean_delta), rtol=1e-5
+    )
+    drift = [np.linalg.norm(d - mean_delta) for d in deltas]
+    np.testing.assert_allclose(state.sync_stats.worker_drift, drift, rtol=1e-5)
+
+
+def test_an_fp16_mean_does_not_overflow_when_the_sum_would():
+    """N |Delta| > 65504 but every Delta and the mean fit in fp16: the mean is exact-ish."""
+    workers = 4
+    params = {"w": jnp.zeros((workers, 3), jnp.float32)}
+    tx = lo.lookahead(
+        optax.sgd(1.0), k=1, workers=workers, communication_dtype=jnp.float16, alpha=1.0
+    )
+    state = tx.init(params)
+    grads = {"w": jnp.full((workers, 3), -30000.0, jnp.float32)}  # each theta_w = 30000
+    updates, state = tx.update(grads, state, params)
+    np.testing.assert_array_equal(lo.slow_params(state, params)["w"], np.full(3, 30000.0))
+
+
+def test_a_bf16_mean_rounds_once():
+    """Each worker's Delta rounded to bf16, summed exactly, the mean rounded to bf16 once."""
+    workers = 3
+    rng = np.random.default_rng(1)
+    theta = rng.normal(size=(workers, 512)).astype(np.float32)
+    params = {"w": jnp.zeros((workers, 512), jnp.float32)}
+    tx = lo.lookahead(
+        optax.sgd(1.0), k=1, workers=workers, communication_dtype=jnp.bfloat16, alpha=1.0
+    )
+    updates, state = tx.update({"w": -jnp.asarray(theta)}, tx.init(params), params)
+    sent = [ref.rounded(-t, ml_dtypes.bfloat16) for t in theta]  # Delta_w = 0 - theta_w
+    expected = -ref.rounded(np.mean(sent, axis=0), ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(lo.slow_params(state, params)["w"]), expected)
+
+
+def test_int_bool_and_key_leaves_with_workers():
+    """Non-floating leaves (a step counter, a flag, a PRNG key) pass through the workers."""
+    params = lo.replicate(
+        {
+            "w": jnp.ones(3),
+            "step": jnp.asarray(0, jnp.int32),
+            "flag": jnp.asarray(True),
+            "key": jax.random.key(0),
+        },
+        2,
+    )
+    labels = {"w": "sgd", "step": "pass", "flag": "pass", "key": "pass"}
+    inner = optax.multi_transform({"sgd": optax.sgd(0.1), "pass": optax.identity()}, labels)
+    tx = lo.lookahead(inner, k=2, workers=2)
+    state = tx.init(params)
+
+    def grads_of(p):
+        return {
+            "w": p["w"],
+            "step": jnp.ones_like(p["step"]),  # the "update" of an int leaf: +1 per step
+            "flag": p["flag"],
+            "key": p["key"],
+        }
+
+    for _ in range(3):
+        updates, state = jax.jit(tx.update)(grads_of(params), state, params)
+        params = {
+            "w": params["w"] + updates["w"],
+            "step": params["step"] + updates["step"],
+            "flag": params["flag"],
+            "key": params["key"],
+        }
+    assert params["step"].tolist() == [3, 3]
+    assert lo.slow_params(state, params)["step"].tolist() == 3
+
+
+def test_tree_map_params_works_on_a_workers_state():
+    """How optax and Flax users derive optimizer-state shardings."""
+    tx = lo.lookahead(optax.adam(0.1), k=2, workers=2, outer=optax.sgd(0.7, momentum=0.9))
+    params = lo.replicate({"w": jnp.ones(3), "b": jnp.zeros(())}, 2)
+    state = tx.init(params)
+    mapped = optax.tree_map_params(tx, lambda p: "param", state, transform_non_params=lambda _: "-")
+    assert mapped.inner_state[0].mu == {"w": "param", "b": "param"}
+    assert mapped.inner_state[0].count == "-"
+
+
+def test_tree_set_of_an_injected_learning_rate_reaches_every_worker():
+    tx = lo.lookahead(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), k=3, workers=2)
+    params = lo.replicate({"w": jnp.ones(2)}, 2)
+    state = tx.init(params)
+    state = optax.tree.set(state, learning_rate=0.5)
+    updates, state = jax.jit(tx.update)(params, state, params)
+    np.testing.assert_allclose(updates["w"], -0.5 * np.ones((2, 2)))
+    assert optax.tree.get(state, "learning_rate").shape == (2,)
+
+
+def test_extra_arguments_with_a_worker_axis_are_split_over_the_workers():
+    """A per-worker ``value`` (shape (N,)) reaches each worker as its own scalar."""
+
+    def update(updates, state, params=None, *, value):
+        return jax.tree.map(lambda u: -value * u, updates), state
+
+    scaled = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    tx = lo.lookahead(scaled, k=5, workers=2)
+    params = lo.replicate({"w": jnp.ones(2)}, 2)
+    updates, _ = tx.update(params, tx.init(params), params, value=jnp.asarray([1.0, 3.0]))
+    np.testing.assert_allclose(updates["w"], [[-1.0, -1.0], [-3.0, -3.0]])
+    updates, _ = tx.update(params, tx.init(params), params, value=jnp.asarray(2.0))
+    np.testing.assert_allclose(updates["w"], -2.0 * np.ones((2, 2)))
