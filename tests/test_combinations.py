@@ -129,3 +129,59 @@ def test_check_composition_checks_every_fragment_sync(workers):
         )
         with pytest.raises(ValueError, match="something after the lookahead changed its updates"):
             lo.check_composition(tx, params)
+
+
+# ---- a state from a lookahead built with other options ----
+
+MOMENTUM = optax.sgd(0.7, momentum=0.9)
+PARAMS = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.zeros(2)}
+MISMATCHES = {
+    "outer added to an alpha run (0.2.0's state)": ({}, {"outer": MOMENTUM}, "alpha"),
+    "outer removed": ({"outer": MOMENTUM}, {}, "outer=..., this lookahead has alpha"),
+    "workers removed": ({"workers": 2}, {}, "workers=2, this lookahead has neither"),
+    "workers added": ({}, {"workers": 2}, "neither workers nor axis_name, this lookahead has wo"),
+    "other number of workers": ({"workers": 2}, {"workers": 3}, "workers=2, this .* workers=3"),
+    "pullback added": ({}, {"inner_state": "pullback"}, "inner_state"),
+    "pullback removed": ({"inner_state": "pullback"}, {}, 'inner_state="pullback"'),
+    "adaptive alpha added": ({}, {"alpha": lo.adaptive_alpha()}, "adaptive_alpha"),
+    "another outer optimizer": ({"outer": MOMENTUM}, {"outer": optax.adam(0.1)}, "outer="),
+    "fragments added": (
+        {"outer": MOMENTUM, "k": 4},
+        {"outer": MOMENTUM, "k": 4, "fragments": 2},
+        "fragments=2",
+    ),
+}
+
+
+def _params_for(kwargs):
+    workers = kwargs.get("workers")
+    return PARAMS if workers is None else lo.replicate(PARAMS, workers)
+
+
+@pytest.mark.parametrize("name", MISMATCHES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_state_made_with_other_options_is_a_value_error_naming_the_mismatch(name, jit):
+    """0.3.0 failed with TypeError/AttributeError deep inside, or (workers added) ran on."""
+    made, used, names = MISMATCHES[name]
+    opt_state = lo.lookahead(optax.adam(0.1), **{"k": 3, **made}).init(_params_for(made))
+    tx = lo.lookahead(optax.adam(0.1), **{"k": 3, **used})
+    params = _params_for(used)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=f"built with other options: .*{names}"):
+        update(params, opt_state, params)
+    # The state the same options make is accepted.
+    update(params, tx.init(params), params)
+
+
+@pytest.mark.skipif(not lo.memory_kinds_supported(), reason="no pinned_host memory here")
+def test_an_offloaded_state_passed_to_update_names_onload_state():
+    """0.3.0 raised jax's "memory_space of all inputs passed to `sub` must be the same"."""
+    tx = lo.lookahead(optax.adam(0.1), k=2)
+    opt_state = lo.offload_state(tx.init(PARAMS))
+    for update in (tx.update, jax.jit(tx.update)):
+        with pytest.raises(ValueError, match="host memory .*onload_state"):
+            update(PARAMS, opt_state, PARAMS)
+    with pytest.raises(ValueError, match="host memory .*onload_state"):
+        lo.update_and_apply(tx, PARAMS, opt_state, PARAMS)
+    updates, _ = tx.update(PARAMS, lo.onload_state(opt_state), PARAMS)  # the documented way
+    assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
