@@ -133,6 +133,48 @@ CHECK_PAGE = r"""
       if ((m = ADDRESS.exec(node.nodeValue))) report("a web address that is not a link", node, m);
     }
 
+    // Notebook output in one box per cell (nb_merge_streams), not one per write.
+    for (const output of main.querySelectorAll(".cell_output")) {
+      const streams = output.querySelectorAll(":scope > .output.stream").length;
+      if (streams > 1)
+        problems.push(`notebook output split into ${streams} boxes: ${where(output)}`);
+    }
+
+    // The API reference: no private module path in what it shows (jax.jaxlib._jax.Array), every
+    // name in a signature linked, qualified (optax.Params) or a known one (not a private
+    // alias), every module attribute shown with its value and its own description.
+    for (const node of prose) {
+      const m = /\b[A-Za-z]\w*(?:\.\w+)*\._[a-z]\w*/.exec(node.nodeValue);
+      if (m && node.parentElement.closest("dl.py")) report("a private module path", node, m);
+    }
+    const KNOWN = new Set(
+      ("None bool int float complex str bytes object type tuple list dict set Any Callable " +
+        "Sequence Iterable Mapping Literal Array GradientTransformation dtype SupportsDType " +
+        "Device").split(" ")
+    );
+    for (const part of main.querySelectorAll("dt.sig em.sig-param, dt.sig .sig-return-typehint")) {
+      let annotation = part.classList.contains("sig-return-typehint");
+      for (const el of part.querySelectorAll("span.n, span.p, span.o")) {
+        const text = el.textContent.trim();
+        if (el.matches("span.p") && text === ":") annotation = true;
+        if (el.matches("span.o") && text === "=") break;
+        if (!annotation || !el.matches("span.n") || el.closest("a")) continue;
+        const names = text.replace(/'[^']*'|"[^"]*"/g, "").match(/[A-Za-z_][\w.]*/g) || [];
+        for (const name of names) {
+          if (name.includes(".") || KNOWN.has(name)) continue;
+          if (document.getElementById(`lookahead_optax.${name}`)) continue;
+          problems.push(`${where(part.closest("dt"))} ${oneLine(part.closest("dt").id)}: ` +
+            `the type ${name} is neither documented nor qualified`);
+        }
+      }
+    }
+    for (const entry of main.querySelectorAll("dl.py.data")) {
+      const dt = entry.querySelector("dt"), dd = entry.querySelector("dd");
+      if (!dt.textContent.includes("=")) problems.push(`${dt.id}: shown without its value`);
+      if (/\w\(object=/.test(dd ? dd.textContent : ""))
+        problems.push(`${dt.id}: shows a builtin's help text: "${oneLine(dd.textContent, 40)}"`);
+    }
+
     for (const table of main.querySelectorAll("table")) {
       const box = table.closest(".table-wrapper");
       const r = table.getBoundingClientRect();
