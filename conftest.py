@@ -1,7 +1,32 @@
-"""Session-wide test setup; runs before jax initialises."""
+"""Session-wide test setup (runs before jax initialises) and the fixtures shared by tests/."""
 
 import os
 
 # Eight emulated CPU devices for the sharding, pmap and shard_map tests; must be
 # set before jax creates its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DEVICES = 8
+
+
+@pytest.fixture(scope="module")
+def strict_promotion():
+    """jax's strict dtype promotion for a whole module; a module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("strict_promotion")``.
+
+    The library's code then runs with no implicit promotion; tests/helpers.py wraps the optax
+    transformations that need the standard one.
+    """
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mesh() -> jax.sharding.Mesh:
+    """A one-axis mesh, ("fsdp",), over the eight emulated CPU devices."""
+    assert jax.device_count() >= DEVICES, "conftest.py should emulate 8 CPU devices"
+    return jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("fsdp",))

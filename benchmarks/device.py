@@ -58,12 +58,12 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _hlo import large_copies  # noqa: E402
 from _timing import interleaved_rounds, machine_info, ratio_summary  # noqa: E402
 
 import lookahead_optax as lo  # noqa: E402
@@ -202,15 +202,6 @@ def bytes_by_kind(tree: Any) -> dict[str, int]:
     return out
 
 
-def large_copies(hlo_text: str, min_elements: int) -> int:
-    """Copy instructions in compiled HLO that move at least min_elements values."""
-    count = 0
-    for match in re.finditer(r"= \w+\[([\d,]*)\]\S* copy\(", hlo_text):
-        size = int(np.prod([int(d) for d in match.group(1).split(",") if d]))
-        count += size >= min_elements
-    return count
-
-
 def hlo_stats(lowered: Any, min_elements: int) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -219,7 +210,7 @@ def hlo_stats(lowered: Any, min_elements: int) -> dict[str, Any]:
     memory = compiled.memory_analysis()
     stats = {
         "compile_s": compile_s,
-        "params_sized_copies": large_copies(text, min_elements),
+        "params_sized_copies": len(large_copies(text, min_elements)),
         "conditionals": len(re.findall(r"\bconditional\(", text)),
     }
     for name in ("temp", "argument", "output", "alias", "host_temp", "host_argument"):

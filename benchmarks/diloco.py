@@ -67,11 +67,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -86,6 +84,8 @@ from tqdm.auto import tqdm  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+
+from _hlo import collective_bytes  # noqa: E402
 
 import lookahead_optax as lo  # noqa: E402
 
@@ -141,96 +141,6 @@ QUICK_OUTER_SWEEP = {
     "steps": 8, "batch_size": 4, "ks": (2, 4), "seeds": 2, "chunk": 4, "weight_decay": 1e-4,
     "outer_lrs": (0.7, 1.0), "momenta": (0.0, 0.9), "inner_lrs": (1e-3, 3e-3),
 }  # fmt: skip
-
-
-# ------------------------------------------------------------------ collective bytes
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
-                "all-to-all", "collective-broadcast")  # fmt: skip
-# One instruction per line: "%name = <result type> all-reduce(...)". A tuple type may hold
-# "/*index=5*/" comments, so the type is everything between "= " and the op's name.
-_OP = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.*?) (" + "|".join(_COLLECTIVES) + r")(?:-start)?\(", re.M
-)
-_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1,
-          "pred": 1, "s64": 8, "u64": 8}  # fmt: skip
-
-
-def _shape_bytes(result: str) -> int:
-    """Bytes of an HLO result type: ``f32[8,256]{1,0}`` or a tuple of them."""
-    total = 0
-    for dtype, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", result):
-        count = math.prod(int(d) for d in dims.split(",") if d)
-        total += count * _BYTES[dtype]
-    return total
-
-
-def _computations(hlo: str) -> tuple[dict[str, str], str]:
-    """name -> text of each computation in an HLO module, and the entry's name."""
-    computations, entry = {}, None
-    for block in re.split(r"\n(?=\S)", hlo):
-        match = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s", block)
-        if match:
-            computations[match.group(2)] = block
-            if match.group(1):
-                entry = match.group(2)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    return computations, entry
-
-
-def collective_bytes(hlo: str) -> dict:
-    """Collective bytes of one execution of a compiled program, from its HLO text.
-
-    Returns ``every_step`` (bytes of the collectives every execution runs), ``branches``
-    (for each conditional reached unconditionally, the bytes of each branch, nested calls
-    included), and ``ops`` (collective op -> count, anywhere). Raises if a collective sits
-    in a loop body, whose trip count would multiply it.
-    """
-    computations, entry = _computations(hlo)
-    ops = collections.Counter(op for _, op in _OP.findall(hlo))
-
-    def own(name):
-        return sum(_shape_bytes(result) for result, _ in _OP.findall(computations[name]))
-
-    def callees(name):
-        text = computations[name]
-        branches = [
-            [b.strip().lstrip("%") for b in group.split(",")]
-            for group in re.findall(r"branch_computations=\{([^}]*)\}", text)
-        ]
-        branches += [
-            [t, f]
-            for t, f in re.findall(
-                r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)", text
-            )
-        ]
-        loops = re.findall(r"\bbody=%?([\w.\-]+)", text)
-        calls = re.findall(r"(?:calls|to_apply|condition)=%?([\w.\-]+)", text)
-        return calls, loops, branches
-
-    def total(name, seen=()):  # everything reachable, conditionals included
-        if name in seen or name not in computations:
-            return 0
-        calls, loops, branches = callees(name)
-        nested = [c for group in branches for c in group] + calls + loops
-        return own(name) + sum(total(c, (*seen, name)) for c in nested)
-
-    every_step, conditionals = 0, []
-    stack, seen = [entry], set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in computations:
-            continue
-        seen.add(name)
-        every_step += own(name)
-        calls, loops, branches = callees(name)
-        for body in loops:
-            if total(body):
-                raise ValueError(f"a collective inside the loop body {body}: count it by hand")
-        stack += calls
-        conditionals += [[total(branch) for branch in group] for group in branches]
-    return {"every_step": every_step, "branches": conditionals, "ops": dict(ops)}
 
 
 # ------------------------------------------------------------------------------ tasks

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ import optax
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _hlo import large_copies  # noqa: E402
 from _timing import (  # noqa: E402
     interleaved_rounds,
     machine_info,
@@ -199,18 +199,6 @@ def looped(step, steps: int):
     return run
 
 
-def large_copies(hlo_text: str, min_elements: int) -> int:
-    """Number of copy instructions in compiled HLO moving at least min_elements values."""
-    count = 0
-    for match in re.finditer(r"= \w+\[([\d,]*)\]\S* copy\(", hlo_text):
-        dims = [int(d) for d in match.group(1).split(",") if d]
-        size = 1
-        for d in dims:
-            size *= d
-        count += size >= min_elements
-    return count
-
-
 def compile_step(step, *args, loop: int = 1) -> tuple[Any, dict[str, Any]]:
     """Compiles one step, params and state donated, for its statistics; returns the program
     to time (``loop`` steps per call) and the statistics."""
@@ -230,7 +218,7 @@ def compile_step(step, *args, loop: int = 1) -> tuple[Any, dict[str, Any]]:
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "alias_bytes": int(memory.alias_size_in_bytes),
-        "params_sized_copies": large_copies(compiled.as_text(), smallest_leaf),
+        "params_sized_copies": len(large_copies(compiled.as_text(), smallest_leaf)),
     }
     return timed, stats
 

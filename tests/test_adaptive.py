@@ -16,6 +16,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference
+from tests.helpers import SGD_LR, adam_curvature_alpha, model_alpha, sync_direction
 
 K = 4
 NUM_SYNCS = 6
@@ -93,15 +94,11 @@ def _compare(got, expected, alpha_min):
     assert any(alpha_min < a < 1.0 - 1e-6 for a in alphas), alphas
 
 
-def _direction(view):
-    return [f - s for f, s in zip(view.fast, view.slow)]
-
-
 def exact_alpha(alpha_min):
     """The closed-form alpha* with the exact Hessian and the exact gradient at theta_k."""
 
     def alpha_rule(view):
-        d = _direction(view)
+        d = sync_direction(view)
         g_k = quadratic_grad(view.fast)
         curvature_d = [a * di for a, di in zip(A, d)]
         alpha = 1.0 - _dot(g_k, d) / _dot(d, curvature_d)
@@ -109,24 +106,6 @@ def exact_alpha(alpha_min):
         line = lambda t: quadratic_loss([s + t * di for s, di in zip(view.slow, d)])  # noqa: E731
         assert line(alpha) <= min(line(alpha - 1e-3), line(alpha + 1e-3))
         return float(np.clip(alpha, alpha_min, 1.0))
-
-    return alpha_rule
-
-
-def _model_alpha(view, v_hat, alpha_min):
-    """The line search on the diagonal model v_hat: g_k = g + v_hat * u extrapolated."""
-    d = _direction(view)
-    g_k = [g + v * du for g, v, du in zip(view.grads, v_hat, view.updates)]
-    alpha = 1.0 - _dot(g_k, d) / _dot(d, [v * di for v, di in zip(v_hat, d)])
-    return float(np.clip(alpha, alpha_min, 1.0))
-
-
-def adam_curvature_alpha(alpha_min, b2):
-    """curvature="adam": v_hat from the inner Adam's (t, mu, nu) state."""
-
-    def alpha_rule(view):
-        t, _, nu = view.inner_state[:3]
-        return _model_alpha(view, [v / (1 - b2**t) for v in nu], alpha_min)
 
     return alpha_rule
 
@@ -167,7 +146,7 @@ def _ema_alpha(alpha_min, decay, trajectory_grads):
         ema = [np.zeros_like(x) for x in view.slow]
         for grads in trajectory_grads:
             ema = [decay * v + (1 - decay) * g**2 for v, g in zip(ema, grads)]
-        return _model_alpha(view, [v / (1 - decay**t) for v in ema], alpha_min)
+        return model_alpha(view, [v / (1 - decay**t) for v in ema], alpha_min)
 
     return alpha_rule
 
@@ -270,3 +249,17 @@ def test_adam_curvature_needs_an_adam_state():
     tx = lo.lookahead(optax.sgd(0.1), alpha=lo.adaptive_alpha(curvature="adam"))
     with pytest.raises(ValueError, match='curvature="adam"'):
         tx.init({"w": jnp.ones(2)})
+
+
+# ---- strict promotion with bf16 params ----
+
+
+def test_adaptive_alpha_under_strict_promotion_with_bf16_params():
+    params = {"w": jnp.array([1.0, -2.0, 0.5], jnp.bfloat16)}
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=2, alpha=lo.adaptive_alpha(curvature="ema"))
+    opt_state = tx.init(params)
+    with jax.numpy_dtype_promotion("strict"):
+        for _ in range(4):
+            updates, opt_state = tx.update(params, opt_state, params)
+            params = optax.apply_updates(params, updates)
+    assert int(opt_state.syncs) == 2 and params["w"].dtype == jnp.bfloat16

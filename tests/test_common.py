@@ -26,10 +26,7 @@ INNERS = {
 NUM_STEPS = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
 def make_lookahead(inner_name, **kwargs):

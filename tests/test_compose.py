@@ -9,16 +9,14 @@ import pytest
 import lookahead_optax as lo
 from tests import helpers
 from tests import reference as ref
+from tests.helpers import SGD_LR, standard_promotion_test
 
 PROBLEM = ref.LogisticQuadratic()
 TOL = dict(rtol=2e-5, atol=2e-5)
 loss_grad = jax.jit(jax.grad(PROBLEM.loss))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
 def initial_params():
@@ -446,6 +444,60 @@ def test_lookahead_of_lbfgs():
         assert_close(lo.slow_params(state, params), want.state.slow, rtol=1e-5, atol=1e-5)
     # lbfgs really moved (the extra arguments reached it): the loss went down.
     assert float(PROBLEM.loss(params)) < 0.5 * float(PROBLEM.loss(initial_params()))
+
+
+# ---- check_composition: what changes the updates after the lookahead ----
+
+
+MISUSE = {
+    "scale_by_learning_rate after": optax.chain(
+        lo.lookahead(optax.scale_by_adam(), k=3), optax.scale_by_learning_rate(0.1)
+    ),
+    "weight decay after": optax.chain(
+        lo.lookahead(optax.sgd(SGD_LR), k=3), optax.add_decayed_weights(1e-2)
+    ),
+    "clip after": optax.chain(lo.lookahead(optax.sgd(10.0), k=3), optax.clip(1e-3)),
+}
+
+
+GOOD = {
+    "inside": lo.lookahead(
+        optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(0.1)), k=3
+    ),
+    "clip before": optax.chain(optax.clip_by_global_norm(1.0), lo.lookahead(optax.adam(0.1), k=3)),
+    "decay inside": lo.lookahead(optax.adamw(0.1, weight_decay=1e-2), k=3),
+    "MultiSteps around": optax.MultiSteps(lo.lookahead(optax.sgd(SGD_LR), k=3), every_k_schedule=3),
+    "slow_dtype": lo.lookahead(optax.sgd(SGD_LR), k=3, slow_dtype=jnp.float32),
+}
+
+
+@pytest.mark.parametrize("name", MISUSE)
+@standard_promotion_test
+def test_check_composition_detects_what_changes_updates_after_lookahead(name):
+    params = {"w": jnp.array([1.0, -2.0])}
+    with pytest.raises(ValueError, match="something after the lookahead changed its updates"):
+        lo.check_composition(MISUSE[name], params)
+
+
+@pytest.mark.parametrize("name", GOOD)
+@standard_promotion_test
+def test_check_composition_accepts_the_correct_layouts(name):
+    dtype = jnp.bfloat16 if name == "slow_dtype" else jnp.float32
+    lo.check_composition(GOOD[name], {"w": jnp.array([1.0, -2.0], dtype)})
+
+
+@standard_promotion_test
+def test_the_silent_misuse_is_real():
+    # What check_composition guards against: the slow weights climb while params fall.
+    tx = MISUSE["scale_by_learning_rate after"]
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    for _ in range(6):  # two syncs
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    slow = lo.slow_params(opt_state, params)["w"]
+    assert np.all(np.abs(slow) > np.array([1.0, 2.0]))  # climbed away from the minimum
+    assert np.all(np.abs(params["w"]) < np.array([1.0, 2.0]))  # while the params fell
 
 
 # ---- the same schedule as optax.lookahead ----

@@ -21,7 +21,7 @@ import pytest
 
 import lookahead_optax as lo
 from lookahead_optax import _offload
-from tests.test_fused import CONFIGURATIONS, initial_params, loss_grad, two_call_step
+from tests.helpers import CONFIGURATIONS, initial_params, loss_grad, run_steps, two_call_step
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 NUM_STEPS = 13  # ends mid-cycle for k = 2, 3, 5
@@ -54,13 +54,7 @@ needs_memory_kinds = pytest.mark.skipif(
 
 def reference_history(tx, params, num_steps=NUM_STEPS):
     """(params, opt_state) after every step of jit(tx.update) + apply_updates."""
-    step = jax.jit(lambda p, s: two_call_step(p, s, loss_grad(p), tx))
-    opt_state = tx.init(params)
-    history = []
-    for _ in range(num_steps):
-        params, opt_state = step(params, opt_state)
-        history.append((params, opt_state))
-    return history
+    return run_steps(tx, params, num_steps=num_steps)
 
 
 def assert_states_close(got, want, step, exact=False):

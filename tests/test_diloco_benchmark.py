@@ -28,50 +28,6 @@ import diloco  # noqa: E402
 MLP_PARAMS = (64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)  # 85,002
 
 
-# ------------------------------------------------------------- the HLO byte counter
-
-_HLO = """\
-HloModule jit_step, entry_computation_layout={()}
-
-%add (x: f32[], y: f32[]) -> f32[] {
-  ROOT %sum = f32[] add(f32[] %x, f32[] %y)
-}
-
-%sync (p: (f32[3])) -> (f32[3]) {
-  %all-reduce.1 = (f32[256]{0}, f32[64,256]{1,0}, f32[256]{0}, f32[256,256]{1,0}, f32[10]{0}, \
-/*index=5*/f32[256,10]{1,0}) all-reduce(%a, %b, %c, %d, %e, %f), to_apply=%add
-  ROOT %t = (f32[3]) tuple(%x)
-}
-
-%no_sync (p: (f32[3])) -> (f32[3]) {
-  ROOT %t = (f32[3]) tuple(%x)
-}
-
-ENTRY %main (a: f32[3]) -> f32[3] {
-  %ar = bf16[4,2]{1,0} all-reduce-start(bf16[4,2]{1,0} %a), to_apply=%add
-  %done = bf16[4,2]{1,0} all-reduce-done(bf16[4,2]{1,0} %ar)
-  %conditional = (f32[3]) conditional(s32[] %i, %p, %p), branch_computations={%no_sync, %sync}
-  ROOT %r = f32[3] get-tuple-element(%conditional), index=0
-}
-"""
-
-
-def test_collective_bytes_splits_every_step_from_the_sync_branch():
-    counted = diloco.collective_bytes(_HLO)
-    assert counted["every_step"] == 4 * 2 * 2  # the bf16 all-reduce-start, not its -done
-    assert counted["branches"] == [[0, 4 * MLP_PARAMS]]  # a 6-tuple with an "index=5" comment
-    assert counted["ops"] == {"all-reduce": 2}
-
-
-def test_collective_bytes_refuses_a_collective_inside_a_loop():
-    looped = _HLO.replace(
-        "conditional(s32[] %i, %p, %p), branch_computations={%no_sync, %sync}",
-        "while(%p), condition=%no_sync, body=%sync",
-    )
-    with pytest.raises(ValueError, match="loop body"):
-        diloco.collective_bytes(looped)
-
-
 # ------------------------------------------------------------------- the --quick run
 
 

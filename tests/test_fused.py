@@ -1,7 +1,6 @@
 """update_and_apply: the same steps as tx.update + apply_updates, one fused program per case."""
 
 import collections
-import re
 
 import jax
 import jax.numpy as jnp
@@ -10,109 +9,49 @@ import optax
 import pytest
 
 import lookahead_optax as lo
-from tests import helpers
-from tests.test_lookahead import (
-    INNERS,
-    NUM_STEPS,
+from benchmarks import _hlo
+from tests.helpers import (
+    CONFIGURATIONS,
+    LEAF_SIZES,
+    MEMORY_INNERS,
     PROBLEM,
+    SGD_LR,
+    SHARDED_INNERS,
     check_against_reference,
+    fused_step,
     initial_params,
     loss_grad,
+    make_params,
+    reference_sgd,
+    run_steps,
+    shard,
+    standard_promotion_test,
+    temp_bytes,
+    tree_bytes,
+    two_call_step,
 )
-from tests.test_memory import LEAF_SIZES, large_copies, make_params, temp_bytes, tree_bytes
-from tests.test_sharding import INNER_OPTIMIZERS, count_collectives, mesh  # noqa: F401 (fixture)
-from tests.test_sharding import _shard as shard
+from tests.helpers import REFERENCE_INNERS as INNERS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
-
-
-def fused_step(params, opt_state, grads, tx, **extra_args):
-    return lo.update_and_apply(tx, grads, opt_state, params, **extra_args)
-
-
-def two_call_step(params, opt_state, grads, tx, **extra_args):
-    updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
-    return optax.apply_updates(params, updates), opt_state
-
-
-def run(tx, step_fn, num_steps=NUM_STEPS):
-    """(params, opt_state) after every step, each step jitted on its own."""
-    step = jax.jit(lambda p, s: step_fn(p, s, loss_grad(p), tx))
-    params = initial_params()
-    opt_state = tx.init(params)
-    history = []
-    for _ in range(num_steps):
-        params, opt_state = step(params, opt_state)
-        history.append((params, opt_state))
-    return history
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
 @pytest.mark.parametrize(("k", "alpha"), [(1, 0.5), (3, 0.8), (5, 0.5)])
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_trajectory_matches_reference(inner_name, k, alpha):
     tx = lo.lookahead(INNERS[inner_name][0](), k=k, alpha=alpha)
-    history = run(tx, fused_step)
+    history = run_steps(tx, initial_params(), fused=True)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *history)
     params, state = stacked
     slow = jax.vmap(lo.slow_params)(state, params)
     check_against_reference(inner_name, k, alpha, (params, slow, state.slow))
 
 
-def _multi_transform():
-    # Two lookaheads, one per parameter group: update_and_apply takes the two-call path.
-    transforms = {
-        "slow": lo.lookahead(optax.sgd(0.1, momentum=0.9), k=2),
-        "fast": lo.lookahead(helpers.adam(0.05), k=3),
-    }
-    return optax.multi_transform(
-        transforms, lambda p: {k: "slow" if k == "w" else "fast" for k in p}
-    )
-
-
-CONFIGURATIONS = {
-    "sgd": lambda: lo.lookahead(optax.sgd(0.1), k=3, alpha=0.5),
-    "momentum": lambda: lo.lookahead(optax.sgd(0.1, momentum=0.9), k=3, alpha=0.8),
-    "adam": lambda: lo.lookahead(helpers.adam(0.05), k=2, alpha=0.5),
-    "reset": lambda: lo.lookahead(helpers.adam(0.05), k=3, inner_state="reset"),
-    "pullback": lambda: lo.lookahead(helpers.adam(0.05), k=3, inner_state="pullback"),
-    "alpha_schedule": lambda: lo.lookahead(
-        optax.sgd(0.1), k=2, alpha=lambda j: 0.9 ** j.astype(jnp.float32)
-    ),
-    "adaptive_alpha": lambda: lo.lookahead(optax.sgd(0.1), k=3, alpha=lo.adaptive_alpha()),
-    "slow_dtype": lambda: lo.lookahead(helpers.adam(0.05), k=3, slow_dtype=jnp.float32),
-    "clip_then_lookahead": lambda: optax.chain(
-        optax.clip_by_global_norm(0.5), lo.lookahead(helpers.adam(0.05), 3)
-    ),
-    "inject_hyperparams": lambda: helpers.standard_promotion(
-        optax.inject_hyperparams(lambda k, alpha: lo.lookahead(optax.adam(0.05), k, alpha))(
-            k=3, alpha=0.5
-        )
-    ),
-    "apply_if_finite": lambda: helpers.standard_promotion(
-        optax.apply_if_finite(lo.lookahead(optax.adam(0.05), k=3), max_consecutive_errors=2)
-    ),
-    "masked": lambda: optax.masked(
-        lo.lookahead(optax.sgd(0.1, momentum=0.9), k=2), lambda p: {k: k != "b" for k in p}
-    ),
-    # Lookahead under MultiSteps' cond: the two-call path.
-    "multi_steps": lambda: helpers.standard_promotion(
-        optax.MultiSteps(lo.lookahead(optax.adam(0.05), k=2), every_k_schedule=2)
-    ),
-    "multi_transform": _multi_transform,
-    "no_lookahead": lambda: helpers.adam(0.05),
-}
-
-
 @pytest.mark.parametrize("name", CONFIGURATIONS)
 def test_equals_update_then_apply(name):
     # Equal up to rounding: XLA fuses the two programs differently, which can move a
     # result by an ulp (the global norm's sum, a multiply-add).
-    fused = run(CONFIGURATIONS[name](), fused_step)
-    two_calls = run(CONFIGURATIONS[name](), two_call_step)
+    fused = run_steps(CONFIGURATIONS[name](), initial_params(), fused=True)
+    two_calls = run_steps(CONFIGURATIONS[name](), initial_params())
     for step, (got, want) in enumerate(zip(fused, two_calls), start=1):
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -198,7 +137,7 @@ def _slow_uses_per_branch(tx, params):
 
 @pytest.mark.parametrize("inner_name", ["adam", "sgd_momentum"])
 def test_a_non_sync_step_never_reads_the_slow_weights(inner_name):
-    tx = lo.lookahead(INNER_OPTIMIZERS[inner_name](), k=4)
+    tx = lo.lookahead(SHARDED_INNERS[inner_name](), k=4)
     with jax.numpy_dtype_promotion("standard"):
         not_synced, synced = _slow_uses_per_branch(tx, make_params())
     assert not_synced == 0
@@ -207,8 +146,6 @@ def test_a_non_sync_step_never_reads_the_slow_weights(inner_name):
 
 @pytest.mark.parametrize("inner_name", ["adam", "sgd_momentum", "clip_adamw"])
 def test_no_temp_buffer_and_no_params_sized_copy(inner_name):
-    from tests.test_memory import INNERS as MEMORY_INNERS
-
     params = make_params()
     tx = lo.lookahead(MEMORY_INNERS[inner_name](), k=4)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
@@ -221,13 +158,13 @@ def test_no_temp_buffer_and_no_params_sized_copy(inner_name):
         inner_temp = temp_bytes(inner_name, False)
     extra_temp = compiled.memory_analysis().temp_size_in_bytes - inner_temp
     assert extra_temp <= 0.01 * tree_bytes(params)
-    assert large_copies(compiled.as_text(), min(LEAF_SIZES.values())) == []
+    assert _hlo.large_copies(compiled.as_text(), min(LEAF_SIZES.values())) == []
 
 
-def test_a_collective_inside_the_inner_optimizer_runs_once_per_step(mesh):  # noqa: F811
+def test_a_collective_inside_the_inner_optimizer_runs_once_per_step(mesh):
     # tx.update repeats it in its sync branch (test_sharding); here each branch of the one
     # cond is a whole step, so either branch holds the inner optimizer's collectives once.
-    inner = INNER_OPTIMIZERS["clip_adam"]
+    inner = SHARDED_INNERS["clip_adam"]
     params = shard(make_params(), mesh)
     compiled_text = {}
     for name, tx in [("inner", inner()), ("lookahead", lo.lookahead(inner(), k=3))]:
@@ -235,12 +172,138 @@ def test_a_collective_inside_the_inner_optimizer_runs_once_per_step(mesh):  # no
         with jax.numpy_dtype_promotion("standard"):
             lowered = jax.jit(fused_step, static_argnums=3).lower(params, opt_state, params, tx)
         compiled_text[name] = lowered.compile().as_text()
-    inner_counts = count_collectives(compiled_text["inner"])
+    inner_counts = _hlo.count_collectives(compiled_text["inner"])
     assert inner_counts["all-reduce"] > 0
     text = compiled_text["lookahead"]
-    (branch_names,) = re.findall(r"branch_computations=\{([^}]*)\}", text)
-    computations = {c.split(" ", 1)[0]: c for c in re.split(r"\n(?=\S)", text)}
-    per_branch = [count_collectives(computations[n.strip()]) for n in branch_names.split(",")]
+    (branch_names,) = _hlo.branches(text)
+    computations = _hlo.computations(text)
+    per_branch = [_hlo.count_collectives(computations[name]) for name in branch_names]
     assert per_branch == [inner_counts, inner_counts]
-    assert count_collectives(text) == inner_counts + inner_counts
+    assert _hlo.count_collectives(text) == inner_counts + inner_counts
     assert collections.Counter() not in per_branch
+
+
+# ---- through wrappers: data through arguments, effects once (0.2.0's defects) ----
+
+
+def _jit_wrapped(la):
+    """A wrapper that jits the update it wraps (and forwards no extra arguments)."""
+    jitted = jax.jit(la.update)
+    return optax.GradientTransformationExtraArgs(
+        la.init, lambda u, s, p=None, **kw: jitted(u, s, p)
+    )
+
+
+def test_a_nested_jit_neither_stops_the_syncs_nor_poisons_tx_update():
+    la = lo.lookahead(optax.sgd(SGD_LR), k=2, alpha=0.5)
+    tx = _jit_wrapped(la)
+    w0 = jnp.array([1.0, -2.0])
+    fast, slow = reference_sgd(w0, 2, 0.5, 8)
+    params = {"w": w0}
+    opt_state = tx.init(params)
+    for step in range(4):
+        params, opt_state = lo.update_and_apply(tx, params, opt_state, params)
+        np.testing.assert_allclose(params["w"], fast[step], rtol=1e-6)
+    assert int(opt_state.syncs) == 2
+    for step in range(4, 8):  # plain tx.update in the same process, same jit cache
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["w"], fast[step], rtol=1e-6)
+        np.testing.assert_allclose(lo.slow_params(opt_state, params)["w"], slow[step], rtol=1e-6)
+    assert int(opt_state.syncs) == 4
+    # The plain lookahead traced in the same process is unaffected too.
+    opt_state = la.init({"w": w0})
+    params = {"w": w0}
+    for _ in range(4):
+        updates, opt_state = jax.jit(la.update)(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    assert int(opt_state.syncs) == 2
+
+
+def _counting(calls):
+    """A stateless transformation that records each executed update with a callback."""
+
+    def update(updates, state, params=None):
+        jax.debug.callback(lambda: calls.append(1))
+        return updates, state
+
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+@pytest.mark.parametrize("path", ["update_and_apply", "tx.update", "eager update_and_apply"])
+def test_effects_run_once_per_step(where, path):
+    calls = []
+    counter = _counting(calls)
+    if where == "inside":
+        tx = lo.lookahead(optax.chain(counter, optax.sgd(SGD_LR)), k=2)
+    else:
+        tx = optax.chain(counter, lo.lookahead(optax.sgd(SGD_LR), k=2))
+
+    def step(params, opt_state):
+        if path == "tx.update":
+            updates, opt_state = tx.update(params, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+        return lo.update_and_apply(tx, params, opt_state, params)
+
+    if path != "eager update_and_apply":
+        step = jax.jit(step)
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    for n in range(1, 6):  # syncs at 2 and 4
+        params, opt_state = step(params, opt_state)
+        jax.effects_barrier()
+        assert len(calls) == n
+    fast, _ = reference_sgd(jnp.array([1.0, -2.0]), 2, 0.5, 5)
+    np.testing.assert_allclose(params["w"], fast[-1], rtol=1e-6)
+
+
+def _two_lookaheads():
+    return optax.multi_transform(
+        {"a": lo.lookahead(optax.sgd(SGD_LR), k=2), "b": lo.lookahead(optax.sgd(SGD_LR), k=3)},
+        {"w": "a", "v": "b"},
+    )
+
+
+FUSED = {
+    "lookahead": (lambda: lo.lookahead(optax.sgd(SGD_LR), k=2), True),
+    "chain": (lambda: optax.chain(optax.clip(1.0), lo.lookahead(optax.sgd(SGD_LR), k=2)), True),
+    "inject_hyperparams": (
+        lambda: optax.inject_hyperparams(lo.lookahead, static_args=("inner",))(
+            optax.sgd(SGD_LR), k=2, alpha=0.5
+        ),
+        True,
+    ),
+    "apply_if_finite": (
+        lambda: optax.apply_if_finite(lo.lookahead(optax.sgd(SGD_LR), k=2), 3),
+        True,
+    ),
+    "masked": (
+        lambda: optax.masked(lo.lookahead(optax.sgd(SGD_LR), k=2), {"w": True, "v": False}),
+        True,
+    ),
+    "nested lookaheads": (lambda: lo.lookahead(lo.lookahead(optax.sgd(SGD_LR), k=2), k=3), True),
+    "MultiSteps": (lambda: optax.MultiSteps(lo.lookahead(optax.sgd(SGD_LR), k=2), 2), False),
+    "two lookaheads": (_two_lookaheads, False),
+    "jitted wrapper": (lambda: _jit_wrapped(lo.lookahead(optax.sgd(SGD_LR), k=2)), False),
+    "no lookahead": (lambda: optax.sgd(SGD_LR), False),
+}
+
+
+@pytest.mark.parametrize("name", FUSED)
+@standard_promotion_test
+def test_which_compositions_take_the_fused_path(name):
+    make, expected = FUSED[name]
+    tx = make()
+    params = {"w": jnp.array([1.0, -2.0]), "v": jnp.array([0.5])}
+    opt_state = tx.init(params)
+    assert lo.fused_path_taken(tx, params, opt_state, params) is expected
+
+    # The fallback is exactly the two calls; the fused path is another program.
+    def two_calls(p, s):
+        updates, s = tx.update(p, s, p)
+        return optax.apply_updates(p, updates), s
+
+    fused = jax.make_jaxpr(lambda p, s: lo.update_and_apply(tx, p, s, p))(params, opt_state)
+    plain = jax.make_jaxpr(two_calls)(params, opt_state)
+    assert (str(fused) != str(plain)) == expected

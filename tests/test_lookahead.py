@@ -11,31 +11,21 @@ import pytest
 import lookahead_optax as lo
 from tests import helpers
 from tests import reference as ref
+from tests.helpers import (
+    F32_TOL,
+    NUM_STEPS,
+    PROBLEM,
+    SGD_LR,
+    assert_history_close,
+    check_against_reference,
+    initial_params,
+    loss_grad,
+    reference_sgd,
+    standard_promotion_test,
+)
 
-PROBLEM = ref.LogisticQuadratic()
-NUM_STEPS = 13  # not a multiple of 2, 3 or 5: the run ends mid-cycle
-
-# (library inner optimizer, reference inner optimizer) pairs with the same hyperparameters.
-INNERS = {
-    "sgd": (lambda: optax.sgd(0.1), lambda: ref.SGD(0.1)),
-    "momentum": (lambda: optax.sgd(0.1, momentum=0.9), lambda: ref.Momentum(0.1, 0.9)),
-    "adam": (lambda: helpers.adam(0.05), lambda: ref.Adam(0.05)),
-}
-# float32 library against the float64 reference, over NUM_STEPS steps.
-F32_TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
-
-
-loss_grad = jax.jit(jax.grad(PROBLEM.loss))
-
-
-def initial_params(dtype=jnp.float32):
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), PROBLEM.params0)
+pytestmark = pytest.mark.usefixtures("strict_promotion")
+INNERS = helpers.REFERENCE_INNERS
 
 
 def train_step(tx, params, state):
@@ -71,17 +61,6 @@ def run_inner_history(tx, params, num_steps=NUM_STEPS):
     return run(params)
 
 
-def assert_history_close(history, expected, **tol):
-    """history: pytree with a leading step axis; expected: per step, a list of leaves."""
-    leaves = jax.tree.leaves(history)
-    assert len(expected) == leaves[0].shape[0]
-    for step, expected_leaves in enumerate(expected):
-        for leaf, want in zip(leaves, expected_leaves, strict=True):
-            np.testing.assert_allclose(
-                np.asarray(leaf[step], np.float64), want, err_msg=f"step {step + 1}", **tol
-            )
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def run_traced_history(inner_name, k, alpha, params):
     """run_history with k and alpha as traced arguments: one compile per inner optimizer."""
@@ -92,20 +71,6 @@ def run_traced_history(inner_name, k, alpha, params):
         return (params, state), (params, lo.slow_params(state, params), state.slow)
 
     return jax.lax.scan(step, (params, tx.init(params)), length=NUM_STEPS)[1]
-
-
-def check_against_reference(inner_name, k, alpha, history):
-    params, slow_via_accessor, slow_in_state = history
-    fast, slow = ref.lookahead_trajectory(
-        PROBLEM.leaves0(), PROBLEM.grad, INNERS[inner_name][1](), k, alpha, NUM_STEPS
-    )
-    assert_history_close(params, fast, **F32_TOL)
-    assert_history_close(slow_via_accessor, slow, **F32_TOL)
-    assert_history_close(slow_in_state, slow, **F32_TOL)
-    # The sync is inside call k: right after it, params and slow weights coincide.
-    for step in range(k - 1, NUM_STEPS, k):
-        for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(slow_in_state)):
-            np.testing.assert_allclose(p[step], s[step], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.8, 1.0])
@@ -360,3 +325,81 @@ def test_a_count_beyond_k_syncs_on_the_next_step():
     state = tx.init(params)._replace(count=jnp.asarray(7, jnp.int32))
     params, state = train_step(tx, params, state)
     assert int(state.count) == 0 and int(state.syncs) == 1
+
+
+# ---- leaves the lookahead leaves alone, and the period (0.2.0's defects) ----
+
+
+def _add_one_to_integers():
+    """SGD on floating leaves; integer leaves count up by one per step, bool leaves flip."""
+
+    def update(updates, state, params=None):
+        def leaf(u):
+            if jnp.issubdtype(u.dtype, jnp.inexact):
+                return -SGD_LR * u
+            if u.dtype == jnp.bool_:
+                return jnp.ones_like(u)  # apply_updates: p + 1 on a bool is a logical or
+            return jnp.ones_like(u)
+
+        return jax.tree.map(leaf, updates), state
+
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+@standard_promotion_test
+def test_non_floating_leaves_are_the_inner_optimizers_business():
+    params = {"w": jnp.array([1.0, -2.0]), "n": jnp.array([0, 5], jnp.int32)}
+    tx = lo.lookahead(_add_one_to_integers(), k=2, alpha=0.5)
+    opt_state = tx.init(params)
+    for _ in range(5):
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(params["n"], [5, 10])  # never snapped back
+    np.testing.assert_array_equal(lo.slow_params(opt_state, params)["n"], [5, 10])
+    fast, slow = reference_sgd(jnp.array([1.0, -2.0]), 2, 0.5, 5)
+    np.testing.assert_allclose(params["w"], fast[-1], rtol=1e-6)
+    # bool leaves with plain optax.sgd, which passes them through, do not crash.
+    params = {"w": jnp.array([1.0, -2.0]), "flag": jnp.array([True, False])}
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=2)
+    opt_state = tx.init(params)
+    grads = {"w": params["w"], "flag": jnp.array([False, False])}
+    for _ in range(3):
+        updates, opt_state = jax.jit(tx.update)(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(params["flag"], [True, False])
+
+
+def test_python_float_params():
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=2, alpha=0.5)
+    params = {"w": 1.5, "v": jnp.array([-2.0])}
+    opt_state = tx.init(params)
+    for _ in range(3):
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    fast, slow = reference_sgd(np.array(1.5), 2, 0.5, 3)
+    np.testing.assert_allclose(params["w"], fast[-1], rtol=1e-6)
+    np.testing.assert_allclose(lo.slow_params(opt_state, params)["w"], slow[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_changed_k_takes_effect_from_the_next_cycle(fused):
+    tx = optax.inject_hyperparams(lo.lookahead, static_args=("inner",))(
+        optax.sgd(SGD_LR), k=2, alpha=0.5
+    )
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    sync_steps = []
+    step = jax.jit(
+        lambda p, s: (
+            lo.update_and_apply(tx, p, s, p)
+            if fused
+            else (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(p, s, p))
+        )
+    )
+    for n in range(1, 10):
+        if n == 2:  # in the middle of the first cycle
+            opt_state.hyperparams["k"] = jnp.asarray(3, jnp.int32)
+        params, opt_state = step(params, opt_state)
+        if int(opt_state.inner_state.count) == 0:
+            sync_steps.append(n)
+    assert sync_steps == [2, 5, 8]

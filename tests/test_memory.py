@@ -6,77 +6,22 @@ inner state. Each test compares the compiled step of ``lookahead(inner)`` with t
 compiled step of ``inner`` alone, params and state donated as in a training loop.
 """
 
-import functools
-import re
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
 import lookahead_optax as lo
-
-K = 4
-# Distinct leaf sizes, so a params-sized buffer of any one leaf is visible.
-LEAF_SIZES = {"embed": 98_304, "dense": 65_536, "bias": 4_096, "out": 131_072}
-INNERS = {
-    "adam": lambda: optax.adam(1e-3),
-    "sgd_momentum": lambda: optax.sgd(1e-3, momentum=0.9),
-    # A global-norm reduction and weight decay (reads params) before the update.
-    "clip_adamw": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-    # Factored second moments: state leaves not shaped like the params.
-    "adafactor": lambda: optax.adafactor(1e-3),
-}
-
-
-def make_params(dtype=jnp.float32):
-    return {
-        name: jnp.linspace(-1.0, 1.0, size, dtype=jnp.float32).astype(dtype)
-        for name, size in LEAF_SIZES.items()
-    }
-
-
-def tree_bytes(tree) -> int:
-    return sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(tree))
-
-
-def train_step(tx):
-    def step(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return step
-
-
-def compile_step(tx, params):
-    opt_state = tx.init(params)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
-    step = jax.jit(train_step(tx), donate_argnums=(0, 1))
-    return step.lower(params, opt_state, grads).compile()
-
-
-@functools.cache
-def compiled_step(inner_name: str, with_lookahead: bool, dtype=jnp.float32, slow_dtype=None):
-    """The compiled step of inner (or of lookahead around it), shared across tests."""
-    tx = INNERS[inner_name]()
-    if with_lookahead:
-        tx = lo.lookahead(tx, k=K, slow_dtype=slow_dtype)
-    return compile_step(tx, make_params(dtype))
-
-
-def temp_bytes(*key) -> int:
-    return compiled_step(*key).memory_analysis().temp_size_in_bytes
-
-
-def large_copies(hlo_text: str, min_elements: int) -> list[str]:
-    """The copy instructions of compiled HLO that move at least min_elements values."""
-    found = []
-    for line in hlo_text.splitlines():
-        match = re.search(r"= \w+\[([\d,]*)\]\S* copy\(", line)
-        if match and np.prod([int(d) for d in match.group(1).split(",") if d]) >= min_elements:
-            found.append(line.strip())
-    return found
+from benchmarks._hlo import large_copies
+from tests.helpers import (
+    LEAF_SIZES,
+    compiled_step,
+    make_params,
+    temp_bytes,
+    tree_bytes,
+    two_call_step,
+)
+from tests.helpers import MEMORY_INNERS as INNERS
+from tests.helpers import MEMORY_K as K
 
 
 @pytest.mark.parametrize("inner_name", sorted(INNERS))
@@ -90,17 +35,6 @@ def test_compiled_step_copies_no_params_sized_buffer(inner_name):
     hlo = compiled_step(inner_name, True).as_text()
     copies = large_copies(hlo, min(LEAF_SIZES.values()))
     assert copies == []
-
-
-def test_large_copies_finds_the_copy_of_a_params_sized_buffer():
-    # The detector above must see a copy when XLA emits one: a value that is both
-    # donated-and-updated and returned unchanged has to be copied.
-    def step(x):
-        return x + 1.0, x
-
-    x = jnp.zeros(LEAF_SIZES["dense"])
-    hlo = jax.jit(step, donate_argnums=0).lower(x).compile().as_text()
-    assert len(large_copies(hlo, LEAF_SIZES["dense"])) == 1
 
 
 @pytest.mark.parametrize("inner_name", sorted(INNERS))
@@ -134,7 +68,7 @@ def test_one_compilation_serves_every_step_syncs_included():
 
     def step(params, opt_state, grads):
         traces.append(1)
-        return train_step(tx)(params, opt_state, grads)
+        return two_call_step(params, opt_state, grads, tx)
 
     tx = lo.lookahead(INNERS["adam"](), k=K)
     params = make_params()

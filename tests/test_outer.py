@@ -8,6 +8,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference as ref
+from tests.helpers import run_steps
 
 PROBLEM = ref.LogisticQuadratic()
 NUM_STEPS = 13
@@ -19,22 +20,8 @@ def initial_params():
 
 def run(tx, fused=False, num_steps=NUM_STEPS, params=None):
     """(params, opt_state) after every step, one jitted step."""
-
-    def step(params, opt_state):
-        grads = jax.grad(PROBLEM.loss)(params)
-        if fused:
-            return lo.update_and_apply(tx, grads, opt_state, params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    step = jax.jit(step)
     params = initial_params() if params is None else params
-    opt_state = tx.init(params)
-    history = []
-    for _ in range(num_steps):
-        params, opt_state = step(params, opt_state)
-        history.append((params, opt_state))
-    return history
+    return run_steps(tx, params, jax.grad(PROBLEM.loss), num_steps, fused)
 
 
 def assert_trees_equal(a, b):
@@ -216,45 +203,3 @@ def test_flax_train_state_and_nnx_optimizer_with_an_outer_optimizer():
     np.testing.assert_allclose(model.kernel[...], state.params["kernel"], rtol=1e-6)
     # Right after the sync at step 4 plus one step: the outer momentum is not zero.
     assert float(jnp.abs(state.opt_state.outer_state[0].trace["kernel"]).max()) > 0
-
-
-@pytest.mark.slow
-def test_sharded_outer_momentum_adds_no_collective_and_equals_one_device():
-    """FSDP over 8 emulated devices: the outer momentum is sharded like the params."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from tests.test_sharding import (
-        _collectives_of_inner_alone,
-        _collectives_of_step,
-        _shard,
-        fsdp_state_shardings,
-        problem,
-    )
-
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("fsdp",))
-    tx = lo.lookahead(optax.adam(0.05), k=problem.K, **NESTEROV)
-    for with_gradient in (False, True):
-        assert _collectives_of_step(tx, mesh, with_gradient) == _collectives_of_inner_alone(
-            "adam", mesh, with_gradient
-        )
-    params, inputs, targets = problem.make_problem()
-    single = jax.device_put(params, jax.devices()[0])
-    single_state = tx.init(single)
-    sharded = _shard(params, mesh)
-    shardings = fsdp_state_shardings(tx, sharded, mesh)
-    fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
-    assert all(s == fsdp for s in jax.tree.leaves(shardings.outer_state[0].trace))
-    state = jax.jit(tx.init, out_shardings=shardings)(sharded)
-    step = jax.jit(problem.make_train_step(tx), donate_argnums=(0, 1))
-    single_step = jax.jit(problem.make_train_step(tx))
-    for t in range(problem.STEPS):
-        sharded, state = step(sharded, state, *_shard((inputs[t], targets[t]), mesh))
-        single, single_state = single_step(single, single_state, inputs[t], targets[t])
-    assert int(state.syncs) == problem.STEPS // problem.K >= 2
-    for name in params:
-        assert state.outer_state[0].trace[name].sharding == fsdp
-        np.testing.assert_allclose(sharded[name], single[name], rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(
-            state.outer_state[0].trace[name], single_state.outer_state[0].trace[name],
-            rtol=2e-5, atol=2e-6,
-        )  # fmt: skip

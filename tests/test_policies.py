@@ -27,26 +27,12 @@ import pytest
 
 import lookahead_optax as lo
 from tests import helpers, reference
+from tests.helpers import SGD_LR, library_trajectory
 
 K = 3
 NUM_STEPS = 3 * K + 2  # three syncs and a partial cycle
 
 # --- running the library ------------------------------------------------------------------
-
-
-def library_trajectory(tx, params0, loss, num_steps):
-    @jax.jit
-    def step(params, opt_state):
-        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, lo.slow_params(opt_state, params)
-
-    params, opt_state = params0, tx.init(params0)
-    history = []
-    for _ in range(num_steps):
-        params, opt_state, slow = step(params, opt_state)
-        history.append((params, slow, opt_state))
-    return history
 
 
 def _close(actual_tree, expected_leaves, rtol=2e-4, atol=2e-6):
@@ -71,12 +57,7 @@ INNERS = {
     ),
 }
 # (inner, policy): the leaves of the reference inner state the library's policy acts on.
-PARAMS_LIKE = {
-    ("momentum", "reset"): reference.every_leaf,  # the trace
-    ("momentum", "pullback"): reference.every_leaf,
-    ("adam", "reset"): reference.every_leaf,  # one record (count, mu, nu): reset as a whole
-    ("adam", "pullback"): reference.under((1,), (2,)),  # mu and nu, not the count
-}
+PARAMS_LIKE = helpers.REFERENCE_PARAMS_LIKE
 
 
 def reference_run(inner_name, policy, alpha=0.6, inner=None):
@@ -308,3 +289,77 @@ def test_policies_run_in_scan_and_donate(policy):
     fresh_params = jax.tree.map(jnp.copy, PARAMS0)  # donated below
     params, opt_state = run((fresh_params, tx.init(fresh_params)))
     _close(params, anchored_reference(policy)[-1].params, atol=1e-5)
+
+
+# ---- policies on what is not params-shaped (0.2.0's defects) ----
+
+
+def test_pullback_leaves_scalars_alone_reduce_on_plateau():
+    inner = optax.chain(optax.sgd(SGD_LR), optax.contrib.reduce_on_plateau(patience=2))
+    tx = lo.lookahead(inner, k=2, inner_state="pullback")
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    for _ in range(6):
+        value = 0.5 * jnp.sum(params["w"] ** 2)
+        updates, opt_state = tx.update(params, opt_state, params, value=value)
+        params = optax.apply_updates(params, updates)
+    plateau = opt_state.inner_state[1]
+    assert np.isfinite(plateau.best_value) and float(plateau.best_value) > 0
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(opt_state))
+
+
+def test_pullback_keeps_an_injected_learning_rate_the_user_set():
+    inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    tx = lo.lookahead(inner, k=2, alpha=0.5, inner_state="pullback")
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    hyperparams = opt_state.inner_state.hyperparams
+    hyperparams["learning_rate"] = jnp.asarray(0.01, hyperparams["learning_rate"].dtype)
+    for _ in range(4):
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    assert int(opt_state.syncs) == 2
+    assert float(opt_state.inner_state.hyperparams["learning_rate"]) == pytest.approx(0.01)
+    # ... while the momentum trace (params-shaped) is pulled back: it differs from "keep".
+    keep = lo.lookahead(inner, k=2, alpha=0.5)
+    keep_state = keep.init({"w": jnp.array([1.0, -2.0])})
+    keep_state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.01, jnp.float32)
+    p = {"w": jnp.array([1.0, -2.0])}
+    for _ in range(4):
+        updates, keep_state = keep.update(p, keep_state, p)
+        p = optax.apply_updates(p, updates)
+    trace, keep_trace = (
+        opt_state.inner_state.inner_state[0].trace,
+        keep_state.inner_state.inner_state[0].trace,
+    )
+    assert not np.allclose(trace["w"], keep_trace["w"])
+
+
+@pytest.mark.parametrize("policy", ["pullback", "reset"])
+def test_a_policy_that_cannot_find_the_params_shaped_leaves_says_so(policy):
+    tx = lo.lookahead(optax.lbfgs(), k=2, inner_state=policy)
+    with pytest.raises(ValueError, match=f'inner_state="{policy}".*tree_map_params.*"keep"'):
+        tx.init({"w": jnp.array([1.0, -2.0])})
+
+
+def test_reset_keeps_the_schedule_and_restarts_the_moments():
+    schedule = optax.linear_schedule(0.1, 0.0, 20)
+    tx = lo.lookahead(optax.adam(schedule), k=3, inner_state="reset")
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    for _ in range(7):
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    adam_state, schedule_state = opt_state.inner_state
+    assert int(schedule_state.count) == 7  # the learning rate keeps decaying across syncs
+    assert int(adam_state.count) == 1  # Adam restarted at the sync after step 6
+    # Injected hyperparameters the user changed survive a reset.
+    tx = lo.lookahead(
+        optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), k=2, inner_state="reset"
+    )
+    opt_state = tx.init(params)
+    opt_state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.01, jnp.float32)
+    for _ in range(4):
+        updates, opt_state = tx.update(params, opt_state, params)
+    assert float(opt_state.inner_state.hyperparams["learning_rate"]) == pytest.approx(0.01)
+    assert int(opt_state.inner_state.count) == 4

@@ -27,10 +27,7 @@ LR = 0.1
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
 @st.composite

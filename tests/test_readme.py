@@ -7,49 +7,17 @@ library, not just the prose. No strict dtype promotion here: the snippets are us
 optax's Adam is not strict-promotion clean.
 """
 
-import ast
-import builtins
 import pathlib
 import re
 
 import pytest
 
+# test_docs.py imports CONTINUES, free_names and python_chains from here (to be moved
+# to tests.helpers there): re-exported.
+from tests.helpers import CONTINUES, fenced_blocks, free_names, python_chains  # noqa: F401
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 DOCS = README.parent / "docs"
-CONTINUES = "Continues the previous block."
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
-
-
-def fenced_blocks(text, language):
-    """(line number, code) of every ```language block, in order."""
-    pattern = re.compile(rf"^```{language}\n(.*?)^```", re.MULTILINE | re.DOTALL)
-    return [(text.count("\n", 0, m.start()) + 1, m.group(1)) for m in pattern.finditer(text)]
-
-
-def python_chains(text):
-    """The ```python blocks grouped into chains: a block starts a new chain unless the
-    paragraph right before it says CONTINUES. Each chain is a list of (line number, code,
-    continues)."""
-    chains, previous_end, previous_language = [], 0, None
-    for match in FENCE.finditer(text):
-        language, code = match.group(1), match.group(2)
-        paragraph = text[previous_end : match.start()].strip().split("\n\n")[-1]
-        continues = CONTINUES in " ".join(paragraph.split())  # in the paragraph right before
-        if continues:
-            assert language == "python" and previous_language == "python", (
-                f"README.md line {text.count(chr(10), 0, match.start()) + 1}: '{CONTINUES}' "
-                "must sit between two ```python blocks"
-            )
-        if language == "python":
-            line = text.count("\n", 0, match.start()) + 1
-            if continues:
-                chains[-1].append((line, code, True))
-            else:
-                chains.append([(line, code, False)])
-        previous_end, previous_language = match.end(), language
-    return chains
-
-
 CHAINS = python_chains(README.read_text())
 
 
@@ -62,22 +30,6 @@ def run_chain(chain, namespace=None):
         except Exception as error:
             raise AssertionError(f"the ```python block at README.md line {line} failed") from error
     return namespace
-
-
-def free_names(code):
-    """Names a block reads but neither binds, imports nor gets from builtins."""
-    tree = ast.parse(code)
-    bound, loaded = set(dir(builtins)), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-    return loaded - bound
 
 
 def test_readme_is_short_and_holds_an_example():

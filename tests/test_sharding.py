@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import re
 
 import _multihost_worker as problem
 import jax
@@ -19,36 +18,15 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lookahead_optax as lo
+from benchmarks import _hlo
+from tests.helpers import SHARDED_INNERS, fsdp_state_shardings, shard
 
-DEVICES = 8
+DEVICES = 8  # conftest.py's mesh fixture spans them
 K = problem.K  # 7 steps with k=3: syncs after steps 3 and 6
-
-INNER_OPTIMIZERS = {
-    "adam": lambda: optax.adam(0.05),
-    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    # Global-norm clipping all-reduces on its own: lookahead must add nothing on top.
-    "clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05)),
-}
-
-# Instructions of the compiled HLO that move data between devices. The async forms
-# (all-gather-start / -done) are counted once, at their start.
-_COLLECTIVE = re.compile(
-    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\("
-)
-
-
-def count_collectives(hlo_text: str) -> collections.Counter:
-    return collections.Counter(_COLLECTIVE.findall(hlo_text))
-
-
-@pytest.fixture(scope="module")
-def mesh() -> Mesh:
-    assert jax.device_count() >= DEVICES, "conftest.py should emulate 8 CPU devices"
-    return Mesh(np.array(jax.devices()[:DEVICES]), ("fsdp",))
 
 
 def make_lookahead(inner: str, inner_state: str = "keep") -> optax.GradientTransformation:
-    return lo.lookahead(INNER_OPTIMIZERS[inner](), k=K, alpha=0.5, inner_state=inner_state)
+    return lo.lookahead(SHARDED_INNERS[inner](), k=K, alpha=0.5, inner_state=inner_state)
 
 
 @functools.cache
@@ -80,37 +58,19 @@ def _assert_close(actual: dict, expected: dict, what: str) -> None:
 # --- sharded jit, FSDP-style: every param split over 8 devices along its first axis ---
 
 
-def _shard(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("fsdp")))
-
-
 def test_jitted_init_gives_slow_weights_the_params_sharding(mesh):
-    params = _shard(problem.make_problem()[0], mesh)
+    params = shard(problem.make_problem()[0], mesh)
     opt_state = jax.jit(make_lookahead("adam").init)(params)
     for name, slow in opt_state.slow.items():
         assert slow.sharding == params[name].sharding, name
         np.testing.assert_array_equal(slow, params[name])
 
 
-def fsdp_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
-    """The usual FSDP recipe: every params-shaped leaf of the state sharded like the params.
-
-    Needed for the inner state: under jit, optax's zeros_like moments come out replicated.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-        tx,
-        lambda _: NamedSharding(mesh, PartitionSpec("fsdp")),
-        jax.eval_shape(tx.init, params),
-        transform_non_params=lambda _: replicated,
-    )
-
-
 @pytest.mark.parametrize("inner", ["adam", pytest.param("sgd_momentum", marks=pytest.mark.slow)])
 def test_sharded_steps_keep_the_sharding_and_equal_one_device(mesh, inner):
     tx = make_lookahead(inner)
     params, inputs, targets = problem.make_problem()
-    params = _shard(params, mesh)
+    params = shard(params, mesh)
     fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
     state_shardings = fsdp_state_shardings(tx, params, mesh)
     assert all(s == fsdp for s in jax.tree.leaves(state_shardings.slow))
@@ -120,7 +80,7 @@ def test_sharded_steps_keep_the_sharding_and_equal_one_device(mesh, inner):
 
     for t in range(problem.STEPS):
         # The batch is split over the same devices, as FSDP does.
-        batch = _shard((inputs[t], targets[t]), mesh)
+        batch = shard((inputs[t], targets[t]), mesh)
         previous_state = opt_state
         params, opt_state = step(params, opt_state, *batch)
         # Donation reused every state buffer: none (slow weights included) was an alias.
@@ -139,13 +99,13 @@ def test_sharded_steps_keep_the_sharding_and_equal_one_device(mesh, inner):
 def test_slow_weights_take_one_nth_of_the_params_bytes_per_device(mesh):
     initial_params = problem.make_problem()[0]
     params_bytes = sum(x.nbytes for x in initial_params.values())
-    opt_state = jax.jit(make_lookahead("adam").init)(_shard(initial_params, mesh))
+    opt_state = jax.jit(make_lookahead("adam").init)(shard(initial_params, mesh))
 
     bytes_per_device = collections.Counter()
     for name, slow in opt_state.slow.items():
-        for shard in slow.addressable_shards:
-            assert shard.data.nbytes * DEVICES == initial_params[name].nbytes, name
-            bytes_per_device[shard.device] += shard.data.nbytes
+        for piece in slow.addressable_shards:
+            assert piece.data.nbytes * DEVICES == initial_params[name].nbytes, name
+            bytes_per_device[piece.device] += piece.data.nbytes
     assert len(bytes_per_device) == DEVICES
     assert set(bytes_per_device.values()) == {params_bytes // DEVICES}
 
@@ -155,11 +115,11 @@ def _collectives_of_step(
 ) -> collections.Counter:
     """Collectives in the compiled, sharded step: an update only, or gradient and update."""
     params, inputs, targets = problem.make_problem()
-    params = _shard(params, mesh)
+    params = shard(params, mesh)
     opt_state = jax.jit(tx.init)(params)
     if with_gradient:
         step = problem.make_train_step(tx)
-        args = (params, opt_state, *_shard((inputs[0], targets[0]), mesh))
+        args = (params, opt_state, *shard((inputs[0], targets[0]), mesh))
     else:
 
         def step(params, opt_state, grads):
@@ -168,12 +128,12 @@ def _collectives_of_step(
 
         args = (params, opt_state, params)  # grads sharded like the params
     hlo_text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
-    return count_collectives(hlo_text)
+    return _hlo.count_collectives(hlo_text)
 
 
 @functools.cache
 def _collectives_of_inner_alone(inner: str, mesh: Mesh, with_gradient: bool) -> collections.Counter:
-    return _collectives_of_step(INNER_OPTIMIZERS[inner](), mesh, with_gradient)
+    return _collectives_of_step(SHARDED_INNERS[inner](), mesh, with_gradient)
 
 
 @pytest.mark.parametrize(
@@ -223,7 +183,7 @@ def test_communicating_inner_repeats_its_collectives_only_in_the_sync_branch(mes
     # so collectives inside the inner optimizer appear once more, in the cond's sync branch.
     inner_counts = _collectives_of_inner_alone("clip_adam", mesh, False)
     tx = make_lookahead("clip_adam")
-    params = _shard(problem.make_problem()[0], mesh)
+    params = shard(problem.make_problem()[0], mesh)
     opt_state = jax.jit(tx.init)(params)
 
     def step(params, opt_state, grads):
@@ -232,15 +192,43 @@ def test_communicating_inner_repeats_its_collectives_only_in_the_sync_branch(mes
 
     compiled = jax.jit(step).lower(params, opt_state, params).compile().as_text()
     assert inner_counts["all-reduce"] > 0
-    assert count_collectives(compiled) == inner_counts + inner_counts
+    assert _hlo.count_collectives(compiled) == inner_counts + inner_counts
     # The extra copy sits in the cond's sync branch, which runs once every k steps.
-    branch_names = re.findall(r"branch_computations=\{([^}]*)\}", compiled)
-    assert len(branch_names) == 1
-    computations = {c.split(" ", 1)[0]: c for c in re.split(r"\n(?=\S)", compiled)}
-    collectives_per_branch = [
-        count_collectives(computations[name.strip()]) for name in branch_names[0].split(",")
-    ]
+    (branch_names,) = _hlo.branches(compiled)
+    computations = _hlo.computations(compiled)
+    collectives_per_branch = [_hlo.count_collectives(computations[name]) for name in branch_names]
     assert sorted(collectives_per_branch, key=len) == [collections.Counter(), inner_counts]
+
+
+@pytest.mark.slow
+def test_sharded_outer_momentum_adds_no_collective_and_equals_one_device(mesh):
+    """FSDP over 8 emulated devices: the outer momentum is sharded like the params."""
+    tx = lo.lookahead(optax.adam(0.05), k=K, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+    for with_gradient in (False, True):
+        assert _collectives_of_step(tx, mesh, with_gradient) == _collectives_of_inner_alone(
+            "adam", mesh, with_gradient
+        )
+    params, inputs, targets = problem.make_problem()
+    single = jax.device_put(params, jax.devices()[0])
+    single_state = tx.init(single)
+    sharded = shard(params, mesh)
+    shardings = fsdp_state_shardings(tx, sharded, mesh)
+    fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
+    assert all(s == fsdp for s in jax.tree.leaves(shardings.outer_state[0].trace))
+    state = jax.jit(tx.init, out_shardings=shardings)(sharded)
+    step = jax.jit(problem.make_train_step(tx), donate_argnums=(0, 1))
+    single_step = jax.jit(problem.make_train_step(tx))
+    for t in range(problem.STEPS):
+        sharded, state = step(sharded, state, *shard((inputs[t], targets[t]), mesh))
+        single, single_state = single_step(single, single_state, inputs[t], targets[t])
+    assert int(state.syncs) == problem.STEPS // problem.K >= 2
+    for name in params:
+        assert state.outer_state[0].trace[name].sharding == fsdp
+        np.testing.assert_allclose(sharded[name], single[name], rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(
+            state.outer_state[0].trace[name], single_state.outer_state[0].trace[name],
+            rtol=2e-5, atol=2e-6,
+        )  # fmt: skip
 
 
 # --- data parallelism: replicated params and state, the batch split over devices ---
@@ -309,6 +297,6 @@ def test_shard_map_data_parallel_with_pmean_equals_one_device(mesh):
         for slow in opt_state.slow.values():
             assert slow.sharding.is_fully_replicated
             first = np.asarray(slow.addressable_shards[0].data)
-            for shard in slow.addressable_shards[1:]:
-                np.testing.assert_array_equal(shard.data, first)
+            for piece in slow.addressable_shards[1:]:
+                np.testing.assert_array_equal(piece.data, first)
     assert int(opt_state.syncs) == problem.STEPS // K

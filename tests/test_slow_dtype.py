@@ -18,6 +18,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference
+from tests.helpers import SGD_LR, reference_sgd
 
 K = 5
 NUM_SYNCS = 30
@@ -131,3 +132,50 @@ def test_slow_dtype_under_strict_dtype_promotion():
     standard = _library_slow(jnp.bfloat16, jnp.float32, 0.12, params0, grad, lr)
     for a, b in zip(strict, standard):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- dtypes of params, grads and slow weights (0.2.0's defects) ----
+
+
+def test_inject_hyperparams_with_a_slow_dtype_is_an_error_unless_static():
+    params = {"w": jnp.array([1.0, -2.0], jnp.bfloat16)}
+    tx = optax.inject_hyperparams(lo.lookahead)(optax.sgd(SGD_LR), slow_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="slow_dtype.*static_args"):
+        tx.init(params)
+    tx = optax.inject_hyperparams(lo.lookahead, static_args=("slow_dtype",))(
+        optax.sgd(SGD_LR), slow_dtype=jnp.float32
+    )
+    assert tx.init(params).inner_state.slow["w"].dtype == jnp.float32
+
+
+def test_complex_params_keep_their_imaginary_part():
+    w0 = jnp.array([1.0 + 2.0j, -0.5j], jnp.complex64)
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=2, alpha=0.5, slow_dtype=jnp.float32)
+    params = {"w": w0}
+    opt_state = tx.init(params)
+    assert opt_state.slow["w"].dtype == jnp.complex64
+    for _ in range(2):
+        updates, opt_state = tx.update(params, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    # SGD on 0.5 |w|^2 has real coefficients: real and imaginary parts evolve apart.
+    real, imag = (reference_sgd(np.asarray(part(w0)), 2, 0.5, 2) for part in (jnp.real, jnp.imag))
+    fast = [r + 1j * i for r, i in zip(real[0], imag[0])]
+    slow = [r + 1j * i for r, i in zip(real[1], imag[1])]
+    np.testing.assert_allclose(lo.slow_params(opt_state, params)["w"], slow[-1], rtol=1e-6)
+    np.testing.assert_allclose(params["w"], fast[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_f32_params_with_bf16_grads_land_exactly_on_the_slow_weights(fused):
+    params = {"w": jnp.array([1.0, -2.0, 0.3], jnp.float32)}
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=3, alpha=0.5)
+    opt_state = tx.init(params)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        if fused:
+            params, opt_state = lo.update_and_apply(tx, grads, opt_state, params)
+        else:
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+    assert int(opt_state.syncs) == 1
+    np.testing.assert_array_equal(params["w"], lo.slow_params(opt_state, params)["w"])

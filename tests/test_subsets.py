@@ -17,8 +17,8 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference
-from tests.test_adaptive import adam_curvature_alpha
-from tests.test_policies import PARAMS_LIKE, library_trajectory
+from tests.helpers import REFERENCE_PARAMS_LIKE as PARAMS_LIKE
+from tests.helpers import adam_curvature_alpha, library_trajectory
 
 PROBLEM = reference.LogisticQuadratic()
 PARAMS0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), PROBLEM.params0)

@@ -10,16 +10,14 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests.helpers import SGD_LR
 
 PARAMS = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
 K_MESSAGE = re.escape("k must be a positive int (1, 2, ..., 2**31 - 1)")
 ALPHA_MESSAGE = re.escape("alpha must be a float in (0, 1], a schedule")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
 @pytest.mark.parametrize("k", [0, -2, 2.5, 5.0, True, "5", None, jnp.array([2, 3])])
@@ -132,3 +130,80 @@ def test_slow_params_without_a_lookahead_state():
         lo.slow_params(state, PARAMS)
     with pytest.raises(ValueError, match="no LookaheadState"):
         lo.slow_params((), PARAMS)
+
+
+# ---- errors that name the mistake (0.2.0's defects) ----
+
+
+@pytest.mark.parametrize(
+    "k", [2**31, np.int64(np.iinfo(np.int64).max), np.uint32(2**32 - 1), 10**12]
+)
+def test_k_beyond_int32_is_an_error(k):
+    with pytest.raises(ValueError, match=r"k must be a positive int \(1, 2, \.\.\., 2\*\*31 - 1\)"):
+        lo.lookahead(optax.sgd(SGD_LR), k=k)
+
+
+@pytest.mark.parametrize("k", [np.int64(3), np.uint32(3), 2**31 - 1])
+def test_k_numpy_and_largest_ints_work(k):
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=k)
+    params = {"w": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(params)
+    for _ in range(3):
+        updates, opt_state = tx.update(params, opt_state, params)
+    assert int(opt_state.syncs) == (1 if int(k) == 3 else 0)
+
+
+@pytest.mark.parametrize("inner", [optax.adam, None, "adam", 0.1])
+def test_inner_must_be_a_transformation(inner):
+    with pytest.raises(TypeError, match="inner must be an optax GradientTransformation") as error:
+        lo.lookahead(inner)
+    if inner is optax.adam:
+        assert "call it" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "message"),
+    [
+        (lambda: 0.5, r"alpha\(0\) raised"),
+        (lambda j: 2.0, r"alpha\(0\) returned 2.0"),
+        (lambda j: jnp.where(j > 0, 1.5, 0.5), r"alpha\(1\) returned"),
+        (lambda j: jnp.ones(3), r"alpha\(0\) returned"),
+    ],
+)
+def test_a_callable_alpha_must_be_a_schedule_into_the_unit_interval(alpha, message):
+    with pytest.raises(ValueError, match=message):
+        lo.lookahead(optax.sgd(SGD_LR), alpha=alpha)
+
+
+def test_grads_or_params_of_other_shapes_are_named():
+    tx = lo.lookahead(optax.sgd(SGD_LR), k=2)
+    params = {"w": jnp.ones(3)}
+    opt_state = tx.init(params)
+    with pytest.raises(ValueError, match=r"grads \(updates\) must have the leaf shapes.*\(4,\)"):
+        tx.update({"w": jnp.ones(4)}, opt_state, params)
+    with pytest.raises(ValueError, match=r"params must have the leaf shapes.*\['w'\].*\(4,\)"):
+        tx.update(params, opt_state, {"w": jnp.ones(4)})
+    with pytest.raises(ValueError, match="params must have the structure"):
+        tx.update(params, opt_state, {"v": jnp.ones(3)})
+
+
+def test_a_state_of_another_transformation_is_named():
+    tx = lo.lookahead(optax.sgd(SGD_LR))
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="opt_state must be the LookaheadState.*got tuple"):
+        tx.update(params, optax.adam(0.1).init(params), params)
+
+
+def test_slow_params_with_other_shapes_is_an_error():
+    tx = lo.lookahead(optax.sgd(SGD_LR))
+    opt_state = tx.init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"leaf shapes.*\(4,\)"):
+        lo.slow_params(opt_state, {"w": jnp.ones(4)})
+    with pytest.raises(ValueError, match="structure"):
+        lo.slow_params(opt_state, {"v": jnp.ones(3)})
+
+
+def test_adaptive_alpha_accepts_numpy_scalars():
+    assert lo.adaptive_alpha(np.float32(0.1)).alpha_min == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="alpha_min"):
+        lo.adaptive_alpha(True)
