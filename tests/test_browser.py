@@ -94,7 +94,14 @@ CHECK_PAGE = r"""
       let m;
       if ((m = TEX.exec(node.nodeValue))) report("raw TeX", node, m);
       else if ((m = PSEUDO_MATH.exec(node.nodeValue))) report("math written as text", node, m);
-      if ((m = /``/.exec(node.nodeValue))) report("literal `` in prose", node, m);
+    }
+    // reST's ``literal``s: one left open shows its backticks, in prose or in inline code.
+    const texts = document.createTreeWalker(main, NodeFilter.SHOW_TEXT);
+    for (let node = texts.nextNode(); node; node = texts.nextNode()) {
+      const el = node.parentElement;
+      if (!el || el.closest("pre, .highlight, script, style")) continue;
+      const m = /``/.exec(node.nodeValue);
+      if (m) report("literal `` in the text", node, m);
     }
 
     for (const img of document.images) {
