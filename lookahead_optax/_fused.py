@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, find_states, the_state
+from lookahead_optax._tree import is_inexact, is_masked
 
 Formulation = Literal["cond", "select"]
 FORMULATIONS = ("cond", "select")
@@ -162,13 +163,10 @@ def update_and_apply(
         formulation = default_formulation()
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
-    if not fused_path_taken(tx, grads, opt_state, params, **extra_args):
+    probe = _probe(tx, grads, opt_state, params, **extra_args)
+    if not probe.taken:
         if sync is not None:
-            raise ValueError(
-                "update_and_apply(sync=...) needs the fused path: tx must hold exactly one "
-                "lookahead reached through wrappers that forward extra arguments (see "
-                "fused_path_taken); this tx decides its syncs itself, so pass sync=None"
-            )
+            raise ValueError(_no_fused_path(probe, "update_and_apply(sync=...)"))
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return optax.apply_updates(params, updates), new_state
     (state,) = find_states(opt_state)
@@ -176,7 +174,8 @@ def update_and_apply(
     def step(sync: bool) -> tuple[optax.Params, optax.OptState]:
         hint = {HINT_KEY: SyncHint(state.count, sync)}
         updates, new_state = tx.update(grads, opt_state, params, **extra_args, **hint)
-        return optax.apply_updates(params, updates), new_state
+        new_params = optax.apply_updates(params, updates)
+        return (_land_on_slow(new_params, state, new_state) if sync else new_params), new_state
 
     decided = state.count + 1 >= state.period
     if sync is not None:
@@ -212,13 +211,39 @@ def fused_path_taken(
       >>> lo.fused_path_taken(ms, params, ms.init(params), params)
       False
     """
+    return _probe(tx, grads, opt_state, params, **extra_args).taken
+
+
+def _probe(tx, grads, opt_state, params, **extra_args) -> SyncHint:
+    """A hint passed through ``tx.update`` under ``jax.eval_shape``: ``taken`` if the fused
+    path is open, else ``refused`` may say why (None: no lookahead reached it)."""
     tx = optax.with_extra_args_support(tx)
     states = find_states(opt_state)
+    hint = SyncHint(states[0].count if len(states) == 1 else None, True)
     if len(states) != 1:
-        return False
-    hint = SyncHint(states[0].count, True)
+        hint.refused = f"tx's state holds {len(states)} (outermost) lookahead states, not one"
+        return hint
     jax.eval_shape(lambda: tx.update(grads, opt_state, params, **extra_args, **{HINT_KEY: hint}))
-    return hint.taken
+    return hint
+
+
+def _no_fused_path(probe: SyncHint, what: str) -> str:
+    """Why ``what`` cannot run: the lookahead's own reason (fragments) or the wrappers'."""
+    if probe.refused is not None and "fragments" in probe.refused:
+        return (
+            f"{what} needs a single sync decision per step, and {probe.refused}. With "
+            "fragments > 1 use tx.update or update_and_apply(sync=None), which take the "
+            "tx.update path (StaticSyncStep and offload=True are not available)"
+        )
+    reason = probe.refused or (
+        "the lookahead did not receive the decision: a wrapper dropped the extra argument, "
+        "changed its state (optax.MultiSteps) or called update behind its own jax.jit"
+    )
+    return (
+        f"{what} needs the fused path: tx must hold exactly one lookahead reached through "
+        f"wrappers that forward extra arguments (see fused_path_taken), and {reason}; this "
+        "tx decides its syncs itself, so pass sync=None"
+    )
 
 
 def _the_state(tree: Any, what: str) -> LookaheadState:
@@ -469,3 +494,33 @@ class StaticSyncStep:
             return out, agreed & agrees
 
         return program
+
+
+def _land_on_slow(
+    new_params: optax.Params, state: LookaheadState, new_opt_state: optax.OptState
+) -> optax.Params:
+    """After a sync, the params set to the slow weights exactly (cast to the params' dtype).
+
+    ``p + (phi - p)`` is phi only up to rounding; here the step applies its own update, so it
+    can land exactly. Only where the lookahead did sync (a wrapper such as
+    ``apply_if_finite`` may have discarded the step) and where the lookahead's params are the
+    step's params (same structure; a wrapper that reshapes params keeps the applied update).
+    """
+    (new,) = find_states(new_opt_state)
+    treedef = jax.tree.structure(new.slow, is_leaf=is_masked)
+    try:
+        flat_params = treedef.flatten_up_to(new_params)
+    except (ValueError, TypeError):
+        return new_params
+    flat_slow = treedef.flatten_up_to(new.slow)
+    pairs = [(p, s) for p, s in zip(flat_params, flat_slow) if not is_masked(s) and is_inexact(p)]
+    if any(jnp.shape(p)[jnp.ndim(p) - jnp.ndim(s) :] != jnp.shape(s) for p, s in pairs):
+        return new_params
+    synced = new.syncs != state.syncs
+
+    def land(p: Any, s: Any) -> Any:
+        if is_masked(s) or not is_inexact(p):
+            return p
+        return jnp.where(synced, jnp.broadcast_to(s.astype(p.dtype), jnp.shape(p)), p)
+
+    return treedef.unflatten([land(p, s) for p, s in zip(flat_params, flat_slow)])

@@ -96,6 +96,23 @@ class SyncHint:
         self.count = count
         self.sync = sync
         self.taken = False
+        self.refused: str | None = None  # why the lookahead it was for could not take it
+
+    def take(self, count: Array, fragments: int = 1) -> bool | None:
+        """Called by a lookahead's update with its state's ``count``: the decided sync if
+        this hint is for that state (and ``taken`` set), else None (decide as usual). A
+        lookahead with several fragments has no single sync decision: it records that in
+        ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
+        if count is not self.count:
+            return None
+        if fragments != 1:
+            self.refused = (
+                f"the lookahead has fragments={fragments}: its fragments sync at different "
+                "steps, so there is no single sync decision to take"
+            )
+            return None
+        self.taken = True
+        return self.sync
 
 
 jax.tree_util.register_pytree_node(

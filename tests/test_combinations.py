@@ -185,3 +185,42 @@ def test_an_offloaded_state_passed_to_update_names_onload_state():
         lo.update_and_apply(tx, PARAMS, opt_state, PARAMS)
     updates, _ = tx.update(PARAMS, lo.onload_state(opt_state), PARAMS)  # the documented way
     assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
+
+
+# ---- the fused path, StaticSyncStep and next_call_syncs with fragments ----
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+def test_a_decided_sync_with_fragments_is_refused_naming_fragments(workers):
+    """0.3.0 said "exactly one lookahead reached through wrappers", which this tx has."""
+    params = MLP if workers is None else lo.replicate(MLP, workers)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        lo.lookahead(optax.adam(0.1), k=4, fragments=2, workers=workers),
+    )
+    opt_state = tx.init(params)
+    assert not lo.fused_path_taken(tx, params, opt_state, params)
+    for sync in (True, False):
+        with pytest.raises(ValueError, match=r"fragments=2.*no single sync decision"):
+            lo.update_and_apply(tx, params, opt_state, params, sync=sync)
+    step = lo.StaticSyncStep(
+        lambda p, s, *, sync: lo.update_and_apply(tx, p, s, p, sync=sync), donate_argnums=()
+    )
+    with pytest.raises(ValueError, match=r"fragments=2.*StaticSyncStep"):
+        step(params, opt_state)
+    # sync=None takes the tx.update path: the same step as tx.update and apply_updates.
+    got, _ = lo.update_and_apply(tx, params, opt_state, params)
+    updates, _ = tx.update(params, opt_state, params)
+    want = optax.apply_updates(params, updates)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_a_refused_decision_without_fragments_still_names_the_wrapper():
+    params = {"w": jnp.ones(3)}
+    tx = optax.MultiSteps(lo.lookahead(optax.sgd(0.1), k=2), every_k_schedule=2)
+    with pytest.raises(ValueError, match="fused path.*MultiSteps"):
+        lo.update_and_apply(tx, params, tx.init(params), params, sync=True)
+    two = optax.chain(lo.lookahead(optax.sgd(0.1), k=2), lo.lookahead(optax.sgd(0.1), k=3))
+    with pytest.raises(ValueError, match="holds 2 .*lookahead states, not one"):
+        lo.update_and_apply(two, params, two.init(params), params, sync=True)
