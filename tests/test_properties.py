@@ -23,8 +23,10 @@ INNERS = {
     ),
 }
 LR = 0.1
-# derandomize: the same examples on every run, so CI is reproducible.
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+# derandomize: the same examples on every run, so CI is reproducible. Each example compiles
+# its own program: the quick set draws a few, the slow set (marked) many more.
+FEW = dict(deadline=None, derandomize=True, max_examples=5)
+MANY = dict(deadline=None, derandomize=True, max_examples=30)
 
 
 pytestmark = pytest.mark.usefixtures("strict_promotion")
@@ -120,8 +122,7 @@ def one_step_bound(dtype, params, grads, inner_updates, trace, slow_before, slow
     return bounds
 
 
-@SETTINGS
-@given(
+LOOKAHEAD_EXAMPLES = dict(
     problem=problems(),
     dtype=st.sampled_from(DTYPES),
     k=st.integers(1, 5),
@@ -130,7 +131,22 @@ def one_step_bound(dtype, params, grads, inner_updates, trace, slow_before, slow
     num_steps=st.integers(1, 11),
     static=st.booleans(),
 )
-def test_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, static):
+
+
+@settings(**FEW)
+@given(**LOOKAHEAD_EXAMPLES)
+def test_lookahead_properties(**example):
+    check_lookahead_properties(**example)
+
+
+@pytest.mark.slow
+@settings(**MANY)
+@given(**LOOKAHEAD_EXAMPLES)
+def test_lookahead_properties_many_examples(**example):
+    check_lookahead_properties(**example)
+
+
+def check_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, static):
     raw_params, curvatures = problem
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), raw_params)
     make_inner, make_reference, reference_inner_state = INNERS[inner_name]
@@ -204,9 +220,23 @@ def test_lookahead_properties(problem, dtype, k, alpha, inner_name, num_steps, s
             np.testing.assert_allclose(got, np.stack(want), rtol=tol, atol=tol)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
-@given(problem=problems(), k=st.integers(1, 4), alpha=st.floats(0.05, 1.0))
-def test_slow_weights_are_an_ema_of_cycle_ends(problem, k, alpha):
+EMA_EXAMPLES = dict(problem=problems(), k=st.integers(1, 4), alpha=st.floats(0.05, 1.0))
+
+
+@settings(**{**FEW, "max_examples": 3})
+@given(**EMA_EXAMPLES)
+def test_slow_weights_are_an_ema_of_cycle_ends(**example):
+    check_ema_of_cycle_ends(**example)
+
+
+@pytest.mark.slow
+@settings(**{**MANY, "max_examples": 12})
+@given(**EMA_EXAMPLES)
+def test_slow_weights_are_an_ema_of_cycle_ends_many_examples(**example):
+    check_ema_of_cycle_ends(**example)
+
+
+def check_ema_of_cycle_ends(problem, k, alpha):
     """phi_t = alpha sum_s (1-alpha)^(t-s) theta_{s,k} + (1-alpha)^t phi_0 (the paper's form)."""
     raw_params, curvatures = problem
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), raw_params)
