@@ -79,9 +79,31 @@ def test_vmap_over_an_ensemble_equals_separate_runs():
             np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7)
 
 
-def test_extra_args_reach_the_inner_optimizer():
+def _sgd_scaled_by_the_value():
+    """SGD whose step is scaled by the loss value, an extra argument it requires."""
+
+    def update(updates, state, params=None, *, value, grad, value_fn):
+        del params, value_fn
+        return jax.tree.map(lambda u, g: -0.1 * value * (u + g) / 2, updates, grad), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def _lbfgs():
     linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=10, store_grad=True)
-    tx = lo.lookahead(optax.lbfgs(linesearch=linesearch), k=3)
+    return optax.lbfgs(linesearch=linesearch)
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        _sgd_scaled_by_the_value,
+        pytest.param(_lbfgs, marks=pytest.mark.slow),  # compiles lbfgs and its line search twice
+    ],
+    ids=["scaled_by_value", "lbfgs"],
+)
+def test_extra_args_reach_the_inner_optimizer(inner):
+    tx = lo.lookahead(inner(), k=3)
     value_and_grad = jax.value_and_grad(PROBLEM.loss)
 
     def steps(step_fn):
@@ -307,3 +329,37 @@ def test_which_compositions_take_the_fused_path(name):
     fused = jax.make_jaxpr(lambda p, s: lo.update_and_apply(tx, p, s, p))(params, opt_state)
     plain = jax.make_jaxpr(two_calls)(params, opt_state)
     assert (str(fused) != str(plain)) == expected
+
+
+@pytest.mark.parametrize("workers", [None, 3])
+@pytest.mark.parametrize("outer", [None, "nesterov"])
+def test_update_and_apply_lands_exactly_on_the_slow_weights(workers, outer):
+    """After a sync, params == slow weights bit for bit (MaxText sets replicas to the global
+    weights); tx.update's p + (phi - p) only gets within half an ulp of |phi - p|."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(41, 20)), jnp.float32)}
+    if workers:
+        params = jax.tree.map(
+            lambda p: p + jnp.arange(workers, dtype=p.dtype).reshape(-1, 1, 1),
+            lo.replicate(params, workers),
+        )
+    kwargs = {} if outer is None else dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+    tx = lo.lookahead(optax.sgd(0.3, momentum=0.9), k=2, workers=workers, **kwargs)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: lo.update_and_apply(tx, jax.tree.map(jnp.cos, p), s, p))
+    for n in range(4):
+        params, state = step(params, state)
+        if n % 2 == 1:
+            slow = lo.slow_params(state, params)["w"]
+            expected = np.broadcast_to(np.asarray(slow), params["w"].shape)
+            np.testing.assert_array_equal(np.asarray(params["w"]), expected)
+
+
+def test_update_and_apply_does_not_land_when_a_wrapper_discards_the_sync():
+    tx = optax.apply_if_finite(lo.lookahead(optax.sgd(0.1), k=1), max_consecutive_errors=5)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    bad = {"w": jnp.asarray([jnp.nan, 1.0, 1.0])}
+    params = {"w": 2 * jnp.ones(3)}  # away from the slow weights (ones)
+    new_params, state = lo.update_and_apply(tx, bad, state, params)
+    np.testing.assert_array_equal(new_params["w"], 2 * np.ones(3))
