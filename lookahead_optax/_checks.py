@@ -336,13 +336,37 @@ def check_fragments(fragments: Any, k: Any, alpha: Any, policy: str) -> None:
         )
 
 
-def check_worker_axis(leaf: Any, workers: int) -> None:
+def _worker_axis_error(workers: int, name: str, path: str, shape: tuple, count: int) -> str:
+    return (
+        f"with workers={workers}, every leaf of {name} needs a leading worker axis of size "
+        f"{workers}: {name}{path} has shape {shape} ({count} leaf/leaves lack it). Make the "
+        f"params with lookahead_optax.replicate(params, {workers}) before tx.init (every "
+        "worker starts from the same weights), and give grads the same axis (e.g. "
+        "jax.vmap(jax.grad(loss))); or drop workers= for one set of params"
+    )
+
+
+def check_worker_axis(leaf: Any, workers: int, name: str = "params", path: str = "") -> None:
     shape = np.shape(leaf)
     if not shape or shape[0] != workers:
-        raise ValueError(
-            f"with workers={workers}, every leaf of params needs a leading worker axis of size "
-            f"{workers} (see lookahead_optax.replicate), got a leaf of shape {shape}"
-        )
+        raise ValueError(_worker_axis_error(workers, name, path, shape, 1))
+
+
+def check_worker_axes(tree: Any, workers: int | None, name: str = "params") -> None:
+    """With ``workers=N``, every leaf of ``tree`` must have a leading axis of size N (the
+    error names ``workers`` and ``replicate``); nothing to check without workers."""
+    if workers is None:
+        return
+    missing = [
+        (jax.tree_util.keystr(path), np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        # Only arrays and numbers: optax.tree_map_params initialises with placeholders.
+        if (hasattr(leaf, "shape") or isinstance(leaf, numbers.Number))
+        and (not np.shape(leaf) or np.shape(leaf)[0] != workers)
+    ]
+    if missing:
+        path, shape = missing[0]
+        raise ValueError(_worker_axis_error(workers, name, path, shape, len(missing)))
 
 
 def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None) -> None:
@@ -359,6 +383,7 @@ def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None
                 f"{name} must have the structure the state was initialised with: "
                 f"expected {expected}, got {structure}"
             )
+        check_worker_axes(tree, workers, name)
         lead = () if workers is None else (workers,)
         mismatched = [
             (jax.tree_util.keystr(path), np.shape(leaf), lead + np.shape(ref))

@@ -224,3 +224,25 @@ def test_a_refused_decision_without_fragments_still_names_the_wrapper():
     two = optax.chain(lo.lookahead(optax.sgd(0.1), k=2), lo.lookahead(optax.sgd(0.1), k=3))
     with pytest.raises(ValueError, match="holds 2 .*lookahead states, not one"):
         lo.update_and_apply(two, params, two.init(params), params, sync=True)
+
+
+# ---- workers=N without lo.replicate ----
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_forgetting_replicate_names_workers_and_replicate(adam):
+    """0.3.0: jax's "vmap was requested to map its argument along axis 0 ... rank" at init
+    for a scalar leaf, and a shapes message without a word of workers at update."""
+    params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+    inner = optax.adam(0.1) if adam else optax.sgd(0.1)
+    tx = lo.lookahead(inner, k=2, workers=4)
+    message = r"workers=4, every leaf of params needs a leading worker axis of size 4.*replicate"
+    with pytest.raises(ValueError, match=message):
+        tx.init(params)
+    opt_state = tx.init(lo.replicate(params, 4))
+    with pytest.raises(ValueError, match=message):
+        tx.update(params, opt_state, params)
+    replicated = lo.replicate(params, 4)
+    with pytest.raises(ValueError, match=r"workers=4, every leaf of grads.*replicate"):
+        tx.update(params, opt_state, replicated)
+    tx.update(replicated, opt_state, replicated)  # the documented way
