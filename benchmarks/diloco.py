@@ -40,16 +40,16 @@ tenth of it.
     python benchmarks/diloco.py --task digits          # digits only: 2 min
     python benchmarks/diloco.py --tune                 # the digits learning-rate sweep: 20 min
     python benchmarks/diloco.py --quick                # tiny runs for tests (~1 min: compiles)
-    python benchmarks/diloco.py --outer-sweep          # DiLoCo's outer lr x momentum: ~20 min
+    python benchmarks/diloco.py --outer-sweep          # DiLoCo's outer lr x momentum: 30+ min
+    python benchmarks/diloco.py --out benchmarks/results   # rewrite the committed results
 
 ``--outer-sweep`` (digits): outer lr in {0.35, 0.7, 1.0, 1.4} x Nesterov momentum in {0, 0.5,
-0.9} (1.0/0 is plain averaging, 0.7/0.9 DiLoCo's published setting) at k in {5, 20, 100}, each
-setting at each inner AdamW lr in {1e-4, ..., 1e-2}, 3 seeds, 400 steps; reports which setting
-wins at each k and by how much (paired over seeds) against averaging and 0.7/0.9, each at its
-best inner lr. The workers are vmapped on one device (the same arithmetic as the sharded runs;
-no bytes are counted), and all settings and seeds of one k are one compiled function. Writes
-``<out>/diloco_outer[_quick].{json,md,png}``.
-    python benchmarks/diloco.py --out benchmarks/results   # rewrite the committed results
+0.9} (1.0/0 is plain averaging, 0.7/0.9 DiLoCo's published setting) at k in {5, 20, 100},
+each setting at two inner AdamW lrs (1e-3, 3e-3 at momentum 0; 3e-4, 1e-3 at 0.5; 1e-4, 3e-4
+at 0.9), 3 seeds, 400 steps; reports which setting wins at each k and by how much (paired over
+seeds) against averaging and 0.7/0.9, each at its best inner lr. The workers are vmapped on one
+device (the same arithmetic as the sharded runs; no bytes are counted), and all settings and
+seeds of one k are one compiled function. Writes ``<out>/diloco_outer[_quick].{json,md,png}``.
 
 Writes ``<out>/diloco[_<task>][_quick].{json,md,png}`` (``_<task>`` unless ``--task all``;
 ``--out`` defaults to ``runs/diloco/``, ignored by git) and ``--tune`` ``diloco_tune.{json,md}``.
@@ -132,14 +132,18 @@ QUICK_LM_MODEL = {"layers": 1, "d_model": 16, "heads": 2, "context": 16}
 # --outer-sweep: DiLoCo's outer lr x Nesterov momentum at each k, every setting at each of
 # the inner AdamW lrs (the outer step scales the averaged update, so the best inner lr moves
 # with it). (1.0, 0) is plain averaging, (0.7, 0.9) DiLoCo's published setting.
+# Two inner lrs per momentum, around the inner lrs --tune found for averaging (1e-3 to 1e-2)
+# and for 0.7/0.9 (1e-4; results/diloco_tune.md): a full inner grid for every setting did
+# not fit the 2 shared cores.
 OUTER_SWEEP = {
-    "steps": 400, "batch_size": 16, "ks": (5, 20, 100), "seeds": 3, "chunk": 50,
+    "steps": 400, "batch_size": 16, "ks": (5, 20, 100), "seeds": 3, "chunk": 100,
     "weight_decay": 1e-4, "outer_lrs": (0.35, 0.7, 1.0, 1.4), "momenta": (0.0, 0.5, 0.9),
-    "inner_lrs": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "inner_lrs": {0.0: (1e-3, 3e-3), 0.5: (3e-4, 1e-3), 0.9: (1e-4, 3e-4)}, "group": 12,
 }  # fmt: skip
 QUICK_OUTER_SWEEP = {
     "steps": 8, "batch_size": 4, "ks": (2, 4), "seeds": 2, "chunk": 4, "weight_decay": 1e-4,
-    "outer_lrs": (0.7, 1.0), "momenta": (0.0, 0.9), "inner_lrs": (1e-3, 3e-3),
+    "outer_lrs": (0.7, 1.0), "momenta": (0.0, 0.9),
+    "inner_lrs": {0.0: (1e-3, 3e-3), 0.9: (1e-3, 3e-3)}, "group": 4,
 }  # fmt: skip
 
 
@@ -621,41 +625,50 @@ def outer_tx(inner_lr, outer_lr, momentum, k: int, weight_decay: float):
     return lo.lookahead(inner, k=k, outer=outer, workers=WORKERS)
 
 
+def outer_sweep_configs(cfg: dict) -> list[tuple[float, float, float]]:
+    """(inner lr, outer lr, momentum) of every run at one k: each outer setting at the inner
+    lrs listed for its momentum."""
+    return [(inner_lr, outer_lr, momentum)
+            for momentum in cfg["momenta"] for outer_lr in cfg["outer_lrs"]
+            for inner_lr in cfg["inner_lrs"][momentum]]  # fmt: skip
+
+
 def outer_sweep_runs(task: Task, cfg: dict, progress: bool = True) -> dict:
     """Every (inner lr, outer lr, momentum, seed) at each k, on one device.
 
     The 8 workers are the leading axis of the params (``lo.lookahead(..., workers=8)``), as
     in the sharded runs but unsharded: the sweep measures loss, not bytes. At each k one
-    ``jit`` holds a ``lax.scan`` over ``chunk`` steps, vmapped over the outer settings and
-    the seeds; it is called once per inner lr and chunk. Returns ``loss`` and ``accuracy``
-    arrays [ks, inner lrs, outer lrs, momenta, seeds, chunks] (held-out, at
-    ``lo.slow_params`` after each chunk).
+    ``jit`` holds a ``lax.scan`` over ``chunk`` steps, vmapped over a group of configurations
+    (:func:`outer_sweep_configs`) and the seeds; it is called per group and chunk. Returns
+    ``{(k, inner lr, outer lr, momentum): {"loss", "accuracy"}}``, arrays [seeds, chunks]
+    (held-out, at ``lo.slow_params`` after each chunk).
     """
     steps, chunk, seeds = cfg["steps"], cfg["chunk"], list(range(cfg["seeds"]))
     if steps % chunk:
         raise ValueError(f"steps ({steps}) must be a multiple of chunk ({chunk})")
-    outer_lrs, momenta = np.meshgrid(cfg["outer_lrs"], cfg["momenta"], indexing="ij")
-    hp = {"outer_lr": jnp.asarray(outer_lrs.ravel(), jnp.float32),
-          "momentum": jnp.asarray(momenta.ravel(), jnp.float32)}  # fmt: skip
+    configs = outer_sweep_configs(cfg)
+    group = cfg["group"]
+    if len(configs) % group:
+        raise ValueError(f"{len(configs)} configurations do not split into groups of {group}")
     data = [task.batches(seed, steps, cfg["batch_size"]) for seed in seeds]
     xs = np.stack([x for x, _ in data])  # [S, steps, W, B, ...]
     ys = np.stack([y for _, y in data])
     params0 = jax.tree.map(lambda *p: jnp.stack(p), *[
         lo.replicate(task.init(seed), WORKERS) for seed in seeds])  # fmt: skip
-    shape = (len(cfg["ks"]), len(cfg["inner_lrs"]), *outer_lrs.shape, len(seeds), steps // chunk)
-    loss, accuracy = np.full(shape, np.nan), np.full(shape, np.nan)
-    bar = tqdm(total=len(cfg["ks"]) * len(cfg["inner_lrs"]) * (steps // chunk),
+    runs = {}
+    bar = tqdm(total=len(cfg["ks"]) * len(configs) // group * (steps // chunk),
                desc="outer sweep", disable=not progress)  # fmt: skip
-    for a, k in enumerate(cfg["ks"]):
+    for k in cfg["ks"]:
 
-        def tx_of(hp, inner_lr, k=k):
-            return outer_tx(inner_lr, hp["outer_lr"], hp["momentum"], k, cfg["weight_decay"])
+        def tx_of(hp, k=k):
+            return outer_tx(hp["inner_lr"], hp["outer_lr"], hp["momentum"], k,
+                            cfg["weight_decay"])  # fmt: skip
 
-        def init_one(hp, inner_lr, params):
-            return tx_of(hp, inner_lr).init(params)
+        def init_one(hp, params):
+            return tx_of(hp).init(params)
 
-        def chunk_one(hp, inner_lr, params, opt_state, x, y):
-            tx = tx_of(hp, inner_lr)
+        def chunk_one(hp, params, opt_state, x, y):
+            tx = tx_of(hp)
 
             def step(carry, batch):
                 params, opt_state = carry
@@ -667,31 +680,35 @@ def outer_sweep_runs(task: Task, cfg: dict, progress: bool = True) -> dict:
             metrics = task.evaluate(lo.slow_params(opt_state, params))
             return params, opt_state, metrics["loss"], metrics["accuracy"]
 
-        # outer settings outside, seeds inside; the batches are per seed
-        init_all = jax.jit(jax.vmap(jax.vmap(init_one, (None, None, 0)), (0, None, None)))
+        # configurations outside, seeds inside; the batches are per seed
+        init_all = jax.jit(jax.vmap(jax.vmap(init_one, (None, 0)), (0, None)))
         run_chunk = jax.jit(
-            jax.vmap(jax.vmap(chunk_one, (None, None, 0, 0, 0, 0)), (0, None, 0, 0, None, None)),
-            donate_argnums=(2, 3),
+            jax.vmap(jax.vmap(chunk_one, (None, 0, 0, 0, 0)), (0, 0, 0, None, None)),
+            donate_argnums=(1, 2),
         )
-        for b, inner_lr in enumerate(cfg["inner_lrs"]):
-            inner_lr = jnp.float32(inner_lr)
-            params = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(hp["momentum"]), *p.shape)),
-                                  params0)  # fmt: skip
-            opt_state = init_all(hp, inner_lr, params0)
+        for g in range(0, len(configs), group):
+            batch = configs[g : g + group]
+            hp = {name: jnp.asarray([c[i] for c in batch], jnp.float32)
+                  for i, name in enumerate(("inner_lr", "outer_lr", "momentum"))}  # fmt: skip
+            params = jax.tree.map(lambda p: jnp.broadcast_to(p, (group, *p.shape)), params0)
+            opt_state = init_all(hp, params0)
+            loss, accuracy = [], []
             for c in range(steps // chunk):
                 window = slice(c * chunk, (c + 1) * chunk)
                 params, opt_state, chunk_loss, chunk_acc = run_chunk(
-                    hp, inner_lr, params, opt_state, xs[:, window], ys[:, window]
+                    hp, params, opt_state, xs[:, window], ys[:, window]
                 )
-                loss[a, b, ..., c] = np.asarray(chunk_loss).reshape(*outer_lrs.shape, len(seeds))
-                accuracy[a, b, ..., c] = np.asarray(chunk_acc).reshape(loss.shape[2:5])
-                bar.set_postfix(k=k, inner_lr=f"{float(inner_lr):g}",
-                                best=f"{np.nanmin(loss[a, b, ..., c].mean(-1)):.4f}")  # fmt: skip
+                loss.append(np.asarray(chunk_loss))
+                accuracy.append(np.asarray(chunk_acc))
+                bar.set_postfix(k=k, best=f"{np.nanmin(loss[-1].mean(-1)):.4f}")
                 bar.update(1)
-            if int(np.asarray(opt_state.syncs).ravel()[0]) != steps // k:
+            if not (np.asarray(opt_state.syncs) == steps // k).all():
                 raise AssertionError(f"{opt_state.syncs} syncs in {steps} steps with k={k}")
+            loss, accuracy = np.stack(loss, -1), np.stack(accuracy, -1)  # [group, S, chunks]
+            for i, config in enumerate(batch):
+                runs[(k, *config)] = {"loss": loss[i], "accuracy": accuracy[i]}
     bar.close()
-    return {"loss": loss, "accuracy": accuracy}
+    return runs
 
 
 def paired(a, b) -> dict:
@@ -702,35 +719,34 @@ def paired(a, b) -> dict:
 
 def outer_sweep_report(cfg: dict, runs: dict) -> dict:
     """Per k: each outer setting at its best inner lr, the winner, and its margins."""
-    final = runs["loss"][..., -1]  # [ks, inner, outer lrs, momenta, seeds]
-    final_acc = runs["accuracy"][..., -1]
     per_k = {}
-    for a, k in enumerate(cfg["ks"]):
-        settings = {}
-        for i, olr in enumerate(cfg["outer_lrs"]):
-            for j, mu in enumerate(cfg["momenta"]):
-                means = np.where(np.isfinite(final[a, :, i, j]).all(-1),
-                                 final[a, :, i, j].mean(-1), np.inf)  # fmt: skip
-                b = int(np.argmin(means))
-                settings[f"{olr:g}/{mu:g}"] = {
-                    "outer_lr": olr, "momentum": mu, "best_inner_lr": cfg["inner_lrs"][b],
-                    "loss": summarise(final[a, b, i, j]),
-                    "accuracy": summarise(final_acc[a, b, i, j]),
-                    "by_inner_lr": {f"{lr:g}": summarise(final[a, n, i, j])
-                                    for n, lr in enumerate(cfg["inner_lrs"])},
-                    "_seeds": final[a, b, i, j],
+    for k in cfg["ks"]:
+        settings, seeds_of = {}, {}
+        for momentum in cfg["momenta"]:
+            for outer_lr in cfg["outer_lrs"]:
+                inner_lrs = cfg["inner_lrs"][momentum]
+                final = {lr: runs[(k, lr, outer_lr, momentum)] for lr in inner_lrs}
+                means = [final[lr]["loss"][:, -1].mean() for lr in inner_lrs]
+                means = [m if np.isfinite(m) else np.inf for m in means]
+                best = inner_lrs[int(np.argmin(means))]
+                key = f"{outer_lr:g}/{momentum:g}"
+                settings[key] = {
+                    "outer_lr": outer_lr, "momentum": momentum, "best_inner_lr": best,
+                    "loss": summarise(final[best]["loss"][:, -1]),
+                    "accuracy": summarise(final[best]["accuracy"][:, -1]),
+                    "by_inner_lr": {f"{lr:g}": summarise(final[lr]["loss"][:, -1])
+                                    for lr in inner_lrs},
                 }  # fmt: skip
-        ranked = sorted(settings, key=lambda key: (np.nan_to_num(
-            settings[key]["loss"]["mean"], nan=np.inf)))  # fmt: skip
+                seeds_of[key] = final[best]["loss"][:, -1]
+        ranked = sorted(settings, key=lambda key: np.nan_to_num(
+            settings[key]["loss"]["mean"], nan=np.inf))  # fmt: skip
         winner = ranked[0]
         margins = {}
         for name, key in (("averaging", "1/0"), ("diloco", "0.7/0.9"), ("runner_up", ranked[1])):
             if key in settings:
+                margin = paired(seeds_of[winner], seeds_of[key])
                 margins[name] = {"setting": key, "loss": settings[key]["loss"],
-                                 "winner_minus_it": paired(settings[winner]["_seeds"],
-                                                           settings[key]["_seeds"])}  # fmt: skip
-        for setting in settings.values():
-            del setting["_seeds"]
+                                 "winner_minus_it": margin}  # fmt: skip
         per_k[str(k)] = {"k": k, "syncs": cfg["steps"] // k, "winner": winner,
                          "ranking": ranked, "margins": margins, "settings": settings}  # fmt: skip
     return per_k
@@ -749,8 +765,10 @@ def outer_sweep_markdown(report: dict) -> str:
         f"nesterov=True)`, {cfg['seeds']} seeds (paired: each seed's initial weights and batches "
         "are shared by every setting). Held-out loss on the test split at `lo.slow_params` after "
         "the last step (a sync for every k). Each outer setting is shown at its best inner lr "
-        f"among {', '.join(f'{lr:g}' for lr in cfg['inner_lrs'])}, picked on the same held-out "
-        "split (the same optimism for every setting).", "",
+        "among those run for its momentum ("
+        + "; ".join(f"momentum {m}: {', '.join(f'{lr:g}' for lr in lrs)}"
+                    for m, lrs in cfg["inner_lrs"].items())
+        + "), picked on the same held-out split (the same optimism for every setting).", "",
         "### Winner per k", "",
         "| k (syncs) | winner: outer lr/momentum (inner lr) | held-out loss | accuracy (%) | "
         "vs plain averaging 1/0 | vs DiLoCo 0.7/0.9 | vs runner-up |",
@@ -785,14 +803,17 @@ def outer_sweep_markdown(report: dict) -> str:
                              if math.isfinite(s["loss"]["mean"]) else "diverged")  # fmt: skip
             lines.append(f"| {olr:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### Every cell: held-out loss per inner lr", "",
-              "| k | outer lr/momentum | " + " | ".join(f"inner {lr:g}" for lr in cfg["inner_lrs"])
-              + " |", "|---" * (len(cfg["inner_lrs"]) + 2) + "|"]  # fmt: skip
+    lines += [
+        "### Every run: held-out loss per inner lr",
+        "",
+        "| k | outer lr/momentum | held-out loss at each inner lr |",
+        "|---|---|---|",
+    ]
     for k, r in report["per_k"].items():
         for key, s in r["settings"].items():
-            cells = [_fmt(v) if math.isfinite(v["mean"]) else "diverged"
-                     for v in s["by_inner_lr"].values()]  # fmt: skip
-            lines.append(f"| {k} | {key} | " + " | ".join(cells) + " |")
+            cells = [f"{lr}: " + (_fmt(v) if math.isfinite(v["mean"]) else "diverged")
+                     for lr, v in s["by_inner_lr"].items()]  # fmt: skip
+            lines.append(f"| {k} | {key} | " + "; ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -846,14 +867,17 @@ def outer_sweep(quick: bool, command: str, progress: bool) -> dict:
     return {
         "command": command, "workers": WORKERS, "task": task.name, "info": task.info,
         "num_params": task.num_params,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "config": {**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                   "inner_lrs": {str(m): list(v) for m, v in cfg["inner_lrs"].items()}},
         "environment": {"jax": jax.__version__, "optax": optax.__version__,
                         "python": platform.python_version(), "cpu": machine["cpu"],
                         "cpus": os.cpu_count(), "machine": platform.machine(),
                         "device": "1 x cpu (workers vmapped on one device)"},
         "per_k": outer_sweep_report(cfg, runs),
-        "curves": {"loss": runs["loss"].tolist(), "accuracy": runs["accuracy"].tolist(),
-                   "axes": ["k", "inner_lr", "outer_lr", "momentum", "seed", "chunk"]},
+        # every run: held-out loss and accuracy per seed after each chunk of steps
+        "runs": [{"k": key[0], "inner_lr": key[1], "outer_lr": key[2], "momentum": key[3],
+                  "loss": value["loss"].tolist(), "accuracy": value["accuracy"].tolist()}
+                 for key, value in runs.items()],
         "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
 

@@ -196,3 +196,103 @@ def test_quick_lookahead_sgd_matches_the_reference_algorithm(quick):
     expected = float(loss(final, jnp.asarray(task["x_held"]), jnp.asarray(task["y_held"])))
     reported = quick["sweep"]["lookahead_sgd_a0.5"]["points"][lr_index]["loss"]["per_seed"][seed]
     assert reported == pytest.approx(expected, rel=2e-3)
+
+
+# ------------------------------------------- benchmarks/diloco.py --outer-sweep --quick
+
+
+@pytest.fixture(scope="module")
+def outer_quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diloco_outer")
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "diloco.py"), "--outer-sweep", "--quick",
+         "--out", str(out), "--no-progress"],
+        check=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert (out / "diloco_outer_quick.md").is_file()
+    assert (out / "diloco_outer_quick.png").stat().st_size > 0
+    return json.loads((out / "diloco_outer_quick.json").read_text())
+
+
+@pytest.mark.slow
+def test_outer_sweep_reports_every_setting_and_the_winner_with_paired_margins(outer_quick):
+    import diloco
+
+    cfg = diloco.QUICK_OUTER_SWEEP
+    assert list(outer_quick["per_k"]) == [str(k) for k in cfg["ks"]]
+    runs = {(r["k"], r["inner_lr"], r["outer_lr"], r["momentum"]): r for r in outer_quick["runs"]}
+    configs = diloco.outer_sweep_configs(cfg)
+    assert len(configs) == sum(len(lrs) for lrs in cfg["inner_lrs"].values()) * len(
+        cfg["outer_lrs"]
+    )
+    assert set(runs) == {(k, *config) for k in cfg["ks"] for config in configs}
+    for run in runs.values():
+        assert np.shape(run["loss"]) == (cfg["seeds"], cfg["steps"] // cfg["chunk"])
+    for k, r in outer_quick["per_k"].items():
+        assert r["syncs"] == cfg["steps"] // int(k)
+        assert len(r["settings"]) == len(cfg["outer_lrs"]) * len(cfg["momenta"])
+        for olr in cfg["outer_lrs"]:
+            for mu in cfg["momenta"]:
+                s = r["settings"][f"{olr:g}/{mu:g}"]
+                finals = {lr: np.mean(runs[(int(k), lr, olr, mu)]["loss"], 0)[-1]
+                          for lr in cfg["inner_lrs"][mu]}  # fmt: skip
+                assert s["best_inner_lr"] == min(finals, key=finals.get)
+                best_run = runs[(int(k), s["best_inner_lr"], olr, mu)]
+                np.testing.assert_allclose(s["loss"]["per_seed"], np.array(best_run["loss"])[:, -1])
+        means = {key: s["loss"]["mean"] for key, s in r["settings"].items()}
+        assert r["winner"] == min(means, key=means.get)
+        averaging = r["margins"]["averaging"]
+        assert averaging["setting"] == "1/0"
+        diff = np.subtract(r["settings"][r["winner"]]["loss"]["per_seed"],
+                           r["settings"]["1/0"]["loss"]["per_seed"])  # fmt: skip
+        assert averaging["winner_minus_it"]["mean"] == pytest.approx(diff.mean())
+        assert averaging["winner_minus_it"]["a_lower_on"] == int((diff < 0).sum())
+
+
+def _diloco_by_hand(task, seed, k, steps, batch_size, inner_lr, outer_lr, momentum, wd):
+    """DiLoCo written out: 8 AdamW workers (optax.adamw, states kept across syncs), every k
+    steps Delta = phi - mean of the workers, b <- mu b + Delta, phi <- phi - lr (Delta + mu b),
+    and the workers restart at phi. No lookahead_optax."""
+    import diloco
+    import optax
+
+    workers = diloco.WORKERS
+    xs, ys = task.batches(seed, steps, batch_size)
+    phi = task.init(seed)
+    params = jax.tree.map(lambda p: jnp.stack([p] * workers), phi)
+    adamw = optax.adamw(inner_lr, weight_decay=wd)
+    states = jax.vmap(adamw.init)(params)
+    buffer = jax.tree.map(jnp.zeros_like, phi)
+
+    @jax.jit
+    def inner_step(params, states, x, y):
+        def one(p, s, xb, yb):
+            u, s = adamw.update(jax.grad(task.loss)(p, xb, yb), s, p)
+            return optax.apply_updates(p, u), s
+
+        return jax.vmap(one)(params, states, x, y)
+
+    for t in range(steps):
+        params, states = inner_step(params, states, xs[t], ys[t])
+        if (t + 1) % k == 0:
+            delta = jax.tree.map(lambda f, p: f - p.mean(0), phi, params)
+            buffer = jax.tree.map(lambda b, d: momentum * b + d, buffer, delta)
+            phi = jax.tree.map(lambda f, d, b: f - outer_lr * (d + momentum * b), phi, delta,
+                               buffer)  # fmt: skip
+            params = jax.tree.map(lambda f: jnp.stack([f] * workers), phi)
+    return float(task.evaluate(phi)["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["1/0", "0.7/0.9"])
+def test_outer_sweep_cells_match_diloco_written_by_hand(outer_quick, setting):
+    import diloco
+
+    cfg = diloco.QUICK_OUTER_SWEEP
+    task = diloco.DigitsTask()
+    outer_lr, momentum = (float(v) for v in setting.split("/"))
+    k, seed, inner_lr = cfg["ks"][0], 1, cfg["inner_lrs"][momentum][-1]
+    expected = _diloco_by_hand(task, seed, k, cfg["steps"], cfg["batch_size"], inner_lr,
+                               outer_lr, momentum, cfg["weight_decay"])  # fmt: skip
+    cell = outer_quick["per_k"][str(k)]["settings"][setting]["by_inner_lr"][f"{inner_lr:g}"]
+    assert cell["per_seed"][seed] == pytest.approx(expected, rel=1e-4)
