@@ -35,14 +35,19 @@ def is_inexact(x: Any) -> bool:
 
 
 def check_inner(inner: Any, name: str = "inner", example: str = "optax.adam(1e-3)") -> None:
+    """Anything with ``init`` and ``update`` methods, as ``optax.chain`` accepts:
+    GradientTransformations, ``optax.MultiSteps`` and other classes of that shape."""
     if isinstance(inner, optax.GradientTransformation):
+        return
+    if callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None)):
         return
     if callable(inner) and not hasattr(inner, "update"):
         hint = f": call it, e.g. {getattr(inner, '__name__', 'it')}(...)"
     else:
         hint = ""
     raise TypeError(
-        f"{name} must be an optax GradientTransformation (e.g. {example}), got {inner!r}{hint}"
+        f"{name} must be an optax GradientTransformation (e.g. {example}) or another object "
+        f"with init and update methods (as optax.MultiSteps), got {inner!r}{hint}"
     )
 
 

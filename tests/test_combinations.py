@@ -173,17 +173,21 @@ def test_a_state_made_with_other_options_is_a_value_error_naming_the_mismatch(na
     update(params, tx.init(params), params)
 
 
-@pytest.mark.skipif(not lo.memory_kinds_supported(), reason="no pinned_host memory here")
+@pytest.mark.skipif(
+    not lo.experimental.memory_kinds_supported(), reason="no pinned_host memory here"
+)
 def test_an_offloaded_state_passed_to_update_names_onload_state():
     """0.3.0 raised jax's "memory_space of all inputs passed to `sub` must be the same"."""
     tx = lo.lookahead(optax.adam(0.1), k=2)
-    opt_state = lo.offload_state(tx.init(PARAMS))
+    opt_state = lo.experimental.offload_state(tx.init(PARAMS))
     for update in (tx.update, jax.jit(tx.update)):
         with pytest.raises(ValueError, match="host memory .*onload_state"):
             update(PARAMS, opt_state, PARAMS)
     with pytest.raises(ValueError, match="host memory .*onload_state"):
         lo.update_and_apply(tx, PARAMS, opt_state, PARAMS)
-    updates, _ = tx.update(PARAMS, lo.onload_state(opt_state), PARAMS)  # the documented way
+    updates, _ = tx.update(
+        PARAMS, lo.experimental.onload_state(opt_state), PARAMS
+    )  # the documented way
     assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
 
 
@@ -203,7 +207,7 @@ def test_a_decided_sync_with_fragments_is_refused_naming_fragments(workers):
     for sync in (True, False):
         with pytest.raises(ValueError, match=r"fragments=2.*no single sync decision"):
             lo.update_and_apply(tx, params, opt_state, params, sync=sync)
-    step = lo.StaticSyncStep(
+    step = lo.experimental.StaticSyncStep(
         lambda p, s, *, sync: lo.update_and_apply(tx, p, s, p, sync=sync), donate_argnums=()
     )
     with pytest.raises(ValueError, match=r"fragments=2.*StaticSyncStep"):
@@ -246,3 +250,43 @@ def test_forgetting_replicate_names_workers_and_replicate(adam):
     with pytest.raises(ValueError, match=r"workers=4, every leaf of grads.*replicate"):
         tx.update(params, opt_state, replicated)
     tx.update(replicated, opt_state, replicated)  # the documented way
+
+
+# ---- what lookahead accepts as inner (and outer) ----
+
+
+class _SignSGD:
+    """Not a GradientTransformation: a class with init and update, as optax.chain accepts."""
+
+    def init(self, params):
+        return optax.EmptyState()
+
+    def update(self, updates, state, params=None):
+        return jax.tree.map(lambda g: -0.1 * jnp.sign(g), updates), state
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+def test_multisteps_and_any_init_update_object_are_accepted_as_inner(workers):
+    """lookahead(optax.MultiSteps(adam, 2), k=3) worked in 0.2.0 and was a TypeError in 0.3.0.
+    It runs exactly as the GradientTransformation MultiSteps wraps (its
+    gradient_transformation()), and optax.chain's own acceptance is the rule."""
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    if workers is not None:
+        params = lo.replicate(params, workers)
+    inner = optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)
+    got = lo.lookahead(inner, k=3, workers=workers)
+    want = lo.lookahead(inner.gradient_transformation(), k=3, workers=workers)
+    chained = lo.lookahead(optax.chain(_SignSGD()), k=2, workers=workers)
+    mine = lo.lookahead(_SignSGD(), k=2, workers=workers, outer=_SignSGD())
+    mine_ref = lo.lookahead(optax.chain(_SignSGD()), k=2, workers=workers, outer=_SignSGD())
+    for a, b in ((got, want), (mine, mine_ref), (chained, chained)):
+        pa, pb, sa, sb = params, params, a.init(params), b.init(params)
+        for n in range(7):
+            grads = jax.tree.map(lambda p: p * (n + 1) - 0.3, pa)
+            ua, sa = a.update(grads, sa, pa)
+            ub, sb = b.update(grads, sb, pb)
+            pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+            np.testing.assert_array_equal(pa["w"], pb["w"])
+        np.testing.assert_array_equal(lo.slow_params(sa, pa)["w"], lo.slow_params(sb, pb)["w"])
+    with pytest.raises(TypeError, match="inner must be .*init and update"):
+        lo.lookahead(object(), k=2)
