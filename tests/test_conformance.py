@@ -93,8 +93,10 @@ def unsupported(c: Combo) -> str | None:
     if "key" in c.leaves and c.entry != "update":
         return "optax.apply_updates cannot add to a PRNG key (update_and_apply applies with it)"
     if c.wrapper == "multisteps" and {"int", "bool", "key", "complex"} & set(c.leaves):
-        return "optax.MultiSteps averages real floating gradients only (optax 0.2.8 halves the "
-        "imaginary part of the mean of complex ones)"
+        return (
+            "optax.MultiSteps averages real floating gradients only (with optax 0.2.8, the "
+            "imaginary part of sgd's update of complex params came out halved)"
+        )
     if c.wrapper == "inject" and "key" in c.leaves:
         return "optax.inject_hyperparams asks every leaf of params for its float dtype"
     if c.wrapper == "apply_if_finite" and "key" in c.leaves:
@@ -153,14 +155,19 @@ def sample(seed: int, count: int) -> list[Combo]:
 
 def fast_set(seed: int = 18) -> list[Combo]:
     """Valid combinations, greedily chosen until every value of every axis (and every extra
-    leaf) appears in one; then one combination per kind of refusal."""
+    leaf, and update_and_apply's fused path) appears in one; then one combination per kind
+    of refusal."""
     wanted = {(name, v) for name, choices in AXES.items() for v in choices}
     wanted |= {("leaf", leaf) for leaf in EXTRA_LEAVES}
     wanted -= {("communication_dtype", None)}  # covered by any no-worker combination
 
+    wanted |= {("fused path", True)}
+
     def covers(c: Combo) -> set:
         got = {(name, getattr(c, name)) for name in AXES}
-        return got | {("leaf", leaf) for leaf in c.leaves}
+        # update_and_apply deciding the sync itself (its lax.cond around two static steps).
+        fused = c.entry == "update_and_apply" and c.fragments == 1 and c.wrapper != "multisteps"
+        return got | {("leaf", leaf) for leaf in c.leaves} | {("fused path", fused)}
 
     chosen, refused = [], {}
     candidates = sample(seed, 3000)
@@ -364,8 +371,8 @@ class Problem:
         out = []
         for i, (leaf, p) in enumerate(zip(self.leaves, params)):
             if leaf.kind == "float":
-                out.append(self.curvature[i] * (np.asarray(p, np.complex128 if np.iscomplexobj(p)
-                           else np.float64) - self.targets[i][w]))  # fmt: skip
+                x = np.asarray(p, np.complex128 if np.iscomplexobj(p) else np.float64)
+                out.append(self.curvature[i] * (x - self.targets[i][w]))
             elif leaf.kind == "int":
                 out.append(np.full(leaf.shape, 1 + call % 2, np.int64))
             elif leaf.kind == "bool":
@@ -382,8 +389,6 @@ class Problem:
         for leaf, value in zip(self.leaves, leaves):
             if leaf.kind == "key":
                 tree[leaf.name] = jax.random.wrap_key_data(jnp.asarray(value, jnp.uint32))
-            elif leaf.kind == "float":
-                tree[leaf.name] = jnp.asarray(np.asarray(value).astype(leaf.dtype))
             else:
                 tree[leaf.name] = jnp.asarray(np.asarray(value).astype(leaf.dtype))
         if self.has_empty:
@@ -634,7 +639,7 @@ def build_step(c: Combo, tx: optax.GradientTransformation) -> Callable:
     """``step(params, opt_state, grads) -> (params, opt_state)`` through ``c.entry``."""
     mapped = (lambda f: jax.vmap(f, axis_name="workers")) if c.workers == "axis" else (lambda f: f)
     if c.entry == "static":
-        return lo.StaticSyncStep(
+        return lo.experimental.StaticSyncStep(
             lambda p, s, g, *, sync: mapped(
                 lambda p, s, g: lo.update_and_apply(tx, g, s, p, sync=sync)
             )(p, s, g)
@@ -937,17 +942,16 @@ def _steps_twice(tx: optax.GradientTransformation) -> optax.GradientTransformati
     return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
-@pytest.mark.parametrize("entry", ["update", "update_and_apply"])
-def test_a_wrapper_stepping_the_lookahead_twice_per_call_syncs_every_k_of_its_steps(entry):
-    """k = 3, six calls: twelve lookahead steps, four syncs. A sync decision that
-    update_and_apply made for the state it read must not reach the second step."""
+def _run_twice_per_call(entry: str, calls: int = 6):
+    """k = 3, alpha = 0.5, sgd(0.1) on 0.5 |w|^2 stepped twice per call: the library's and the
+    reference's params and sync counts after every call."""
     tx = _steps_twice(lo.lookahead(optax.sgd(0.1), k=3, alpha=0.5))
     params = {"w": jnp.array([1.0, -2.0, 0.5])}
     opt_state = tx.init(params)
 
     def step(p, s):
         if entry == "update_and_apply":
-            return lo.update_and_apply(tx, p, s, p)  # grads = params: 0.5 |w|^2
+            return lo.update_and_apply(tx, p, s, p)  # grads = params
         updates, s = tx.update(p, s, p)
         return optax.apply_updates(p, updates), s
 
@@ -955,16 +959,47 @@ def test_a_wrapper_stepping_the_lookahead_twice_per_call_syncs_every_k_of_its_st
     algorithm = ref.Lookahead(ref.SGD(0.1), 3, 0.5)
     want = [np.array([1.0, -2.0, 0.5])]
     ref_state = algorithm.init(want)
-    for call in range(6):
+    got, expected = [], []
+    for _ in range(calls):
         params, opt_state = step(params, opt_state)
         grads = [want[0].copy()]
         first, ref_state = algorithm.step(grads, ref_state, want)
         middle = [want[0] + first[0]]
         second, ref_state = algorithm.step(grads, ref_state, middle)
         want = [middle[0] + second[0]]
-        np.testing.assert_allclose(params["w"], want[0], rtol=1e-5, err_msg=f"call {call}")
-    assert ref_state.syncs == 4
-    assert int(lookahead_state(opt_state).syncs) == 4
+        got.append((np.asarray(params["w"]), int(lookahead_state(opt_state).syncs)))
+        expected.append((want[0], ref_state.syncs))
+    return got, expected
+
+
+@pytest.mark.parametrize("entry", ["update", "update_and_apply"])
+def test_a_wrapper_stepping_the_lookahead_twice_per_call_syncs_every_k_of_its_steps(entry):
+    """Six calls, twelve lookahead steps, four syncs: update_and_apply's sync decision, made
+    for the state it read, must not reach the wrapper's second step."""
+    got, expected = _run_twice_per_call(entry)
+    assert [syncs for _, syncs in got] == [syncs for _, syncs in expected] == [0, 1, 2, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "update",
+        pytest.param(
+            "update_and_apply",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="found by this test (since 580406e, not in issue 18): update_and_apply "
+                "sets the params to phi when the lookahead synced during the call, even where "
+                "the wrapper stepped it again after the sync (call 1: params at phi, the second "
+                "step's update dropped)",
+            ),
+        ),
+    ],
+)
+def test_a_wrapper_stepping_the_lookahead_twice_per_call_follows_the_reference(entry):
+    got, expected = _run_twice_per_call(entry)
+    for call, ((params, _), (want, _)) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(params, want, rtol=1e-5, err_msg=f"call {call}")
 
 
 @pytest.mark.xfail(
