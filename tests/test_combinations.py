@@ -290,3 +290,77 @@ def test_multisteps_and_any_init_update_object_are_accepted_as_inner(workers):
         np.testing.assert_array_equal(lo.slow_params(sa, pa)["w"], lo.slow_params(sb, pb)["w"])
     with pytest.raises(TypeError, match="inner must be .*init and update"):
         lo.lookahead(object(), k=2)
+
+
+# ---- the public type hints accept what the docs show ----
+
+# Call forms the docstrings and pages describe, beyond the pages' own blocks.
+DOCUMENTED_CALLS = '''
+import jax
+import jax.numpy as jnp
+import optax
+
+import lookahead_optax as lo
+
+params = {"w": jnp.ones(3)}
+schedule = optax.linear_schedule(0.5, 0.9, 10)
+for alpha in (0.5, 1, jnp.asarray(0.5), schedule, lo.adaptive_alpha(0.1, curvature="adam")):
+    lo.lookahead(optax.adam(1e-3), k=5, alpha=alpha)
+lo.lookahead(optax.adam(1e-3), k=jnp.asarray(5), inner_state="pullback", slow_dtype=jnp.float32)
+lo.lookahead(optax.MultiSteps(optax.adam(1e-3), 2), k=3)
+tx = lo.lookahead(
+    optax.adam(1e-3),
+    k=4,
+    outer=optax.sgd(0.7, momentum=0.9, nesterov=True),
+    workers=2,
+    communication_dtype=jnp.bfloat16,
+    fragments=2,
+)
+lo.lookahead(optax.sgd(0.1), axis_name="workers")
+replicated = lo.replicate(params, 2)
+opt_state = tx.init(replicated)
+replicated, opt_state = lo.resize_workers(opt_state, replicated, 3)
+slow: dict = lo.slow_params(opt_state, replicated)
+tx1 = lo.lookahead(optax.sgd(0.1), k=2)
+state1 = tx1.init(params)
+new_params, state1 = lo.update_and_apply(tx1, params, state1, params, sync=None)
+new_params, state1 = lo.update_and_apply(tx1, params, state1, params, formulation="select")
+taken: bool = lo.fused_path_taken(tx1, params, state1, params)
+lo.check_composition(tx1, params)
+'''
+
+
+def test_the_documented_calls_type_check(tmp_path):
+    """mypy on every ```python block of README.md and docs/, and on the call forms above:
+    no error on a line that calls lookahead_optax (0.3.0: alpha=lo.adaptive_alpha(...) is an
+    "incompatible type" for AlphaLike). Errors of other libraries' hints are not ours."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from tests.helpers import python_chains
+
+    mypy = pytest.importorskip("mypy")
+    del mypy
+    root = pathlib.Path(__file__).resolve().parent.parent
+    files = {"calls.py": DOCUMENTED_CALLS}
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for i, chain in enumerate(python_chains(page.read_text())):
+            files[f"{page.stem}_{i}.py"] = "\n".join(code for _, code, _ in chain)
+    for name, code in files.items():
+        (tmp_path / name).write_text(code)
+    command = [
+        sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
+        "--cache-dir", str(root / ".mypy_cache"), *sorted(str(tmp_path / n) for n in files),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    ours = []
+    for line in result.stdout.splitlines():
+        parts = line.split(":", 3)
+        if len(parts) < 4 or " error: " not in line:
+            continue
+        source = files[pathlib.Path(parts[0]).name].splitlines()[int(parts[1]) - 1]
+        if "lo." in source or "lookahead_optax" in source:
+            ours.append(f"{line}\n    {source.strip()}")
+    assert "error: " not in result.stderr, result.stderr
+    assert not ours, "\n".join(ours)
