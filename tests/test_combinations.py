@@ -295,7 +295,7 @@ def test_multisteps_and_any_init_update_object_are_accepted_as_inner(workers):
 # ---- the public type hints accept what the docs show ----
 
 # Call forms the docstrings and pages describe, beyond the pages' own blocks.
-DOCUMENTED_CALLS = '''
+DOCUMENTED_CALLS = """
 import jax
 import jax.numpy as jnp
 import optax
@@ -327,7 +327,7 @@ new_params, state1 = lo.update_and_apply(tx1, params, state1, params, sync=None)
 new_params, state1 = lo.update_and_apply(tx1, params, state1, params, formulation="select")
 taken: bool = lo.fused_path_taken(tx1, params, state1, params)
 lo.check_composition(tx1, params)
-'''
+"""
 
 
 def test_the_documented_calls_type_check(tmp_path):
