@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lookahead_optax as lo
@@ -201,6 +202,14 @@ CONFIGURATIONS = {
     "multi_transform": _multi_transform,
     "no_lookahead": lambda: adam(0.05),
 }
+
+
+@functools.cache
+def configuration_history(name):
+    """run_steps(CONFIGURATIONS[name](), initial_params()): tx.update and apply_updates, under
+    strict promotion; computed once per session for the tests that compare other paths to it."""
+    with jax.numpy_dtype_promotion("strict"):
+        return tuple(run_steps(CONFIGURATIONS[name](), initial_params()))
 
 
 # ---- memory of a compiled step (test_memory, test_fused) -----------------------------------
@@ -402,3 +411,9 @@ def standard_promotion_test(test):
             return test(*args, **kwargs)
 
     return wrapped
+
+
+def quick_few(names, quick):
+    """``names`` as parameters for ``pytest.mark.parametrize``; those not in ``quick`` are
+    marked slow: the quick set keeps a few representatives, the whole suite runs them all."""
+    return [name if name in quick else pytest.param(name, marks=pytest.mark.slow) for name in names]
