@@ -97,11 +97,9 @@ def repository_url():
 REPOSITORY = repository_url()
 COMMIT = os.environ.get("READTHEDOCS_GIT_COMMIT_HASH") or git("rev-parse", "HEAD") or "main"
 html_theme_options = {}
-if REPOSITORY:
+if REPOSITORY:  # GitHub's and GitLab's address scheme: <repository>/blob/<commit>/<path>
     html_theme_options = {
-        "source_repository": REPOSITORY + "/",
-        "source_branch": COMMIT,
-        "source_directory": "docs/",
+        "source_view_link": f"{REPOSITORY}/blob/{COMMIT}/docs/{{filename}}",
         "footer_icons": [
             {"name": "Source", "url": REPOSITORY, "html": "Source repository", "class": ""}
         ],
