@@ -8,7 +8,7 @@ algorithm's output. Writes ``<out-dir>/convergence.{json,md,png}`` (``--grid``:
 repository (git ignores it), so a run never overwrites the committed results; regenerate
 those with ``--out-dir benchmarks/results``.
 
-    python benchmarks/convergence.py                    # the default job, 1-2 minutes on 2 cores
+    python benchmarks/convergence.py                    # the default job: ~25 s of CPU on 2 cores
     python benchmarks/convergence.py --tune             # how the learning rates were chosen
     python benchmarks/convergence.py --grid             # k in {5, 10} x alpha in {0.5, 0.8}
     python benchmarks/convergence.py --dataset cifar10 --data-dir ~/data/cifar-10-python.tar.gz
