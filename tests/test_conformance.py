@@ -218,9 +218,9 @@ KNOWN_BROKEN: list[Broken] = [
     ),
     Broken(
         "issue 18 (silent wrong results): after a sync, update_and_apply's params are the "
-        "slow weights only up to rounding (p + (phi - p)) with workers / axis_name, and with "
-        "fragments > 1 (which take tx.update's path)",
-        lambda c: c.entry != "update" and (c.workers is not None or c.fragments > 1),
+        "slow weights only up to rounding (p + (phi - p)) with fragments > 1 (update_and_apply "
+        "takes tx.update's path there; exact since 580406e everywhere else)",
+        lambda c: c.entry != "update" and c.fragments > 1,
         frozenset({"exact"}),
         strict=False,
     ),
