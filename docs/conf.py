@@ -184,8 +184,6 @@ def source_link(app, docname, path):
     else:
         suffix = pathlib.PurePosixPath(path).suffix
         target = f"_repo/{path}.html" if suffix in SOURCE_SUFFIXES else f"_repo/{path}"
-        app.env.lookahead_source_files = getattr(app.env, "lookahead_source_files", set())
-        app.env.lookahead_source_files.add(path)
     here = posixpath.dirname(builder.get_target_uri(docname))
     return posixpath.relpath(target, here or ".")
 
@@ -226,14 +224,20 @@ def link_source_files(app, doctree, docname):
 
 
 def write_source_files(app, exception):
-    """The files link_source_files linked to, in the built site under _repo/."""
+    """The files that the built pages link to under _repo/ (link_source_files), written there.
+    Read from the pages themselves, so that parallel and incremental builds get them all."""
     if exception or app.builder.format != "html":
         return
     from pygments import highlight
     from pygments.formatters import HtmlFormatter
     from pygments.lexers import TextLexer, get_lexer_for_filename
 
-    for path in sorted(getattr(app.env, "lookahead_source_files", ())):
+    linked = set()
+    for page in pathlib.Path(app.outdir).rglob("*.html"):
+        if "_repo" not in page.relative_to(app.outdir).parts:
+            linked.update(re.findall(r'href="[^"#]*?_repo/([^"#?]+)', page.read_text("utf-8")))
+    paths = {p.removesuffix(".html") if p.endswith(".html") else p for p in linked}
+    for path in sorted(p for p in paths if repo_file(p)):
         source = ROOT / path
         out = pathlib.Path(app.outdir, "_repo", path)
         out.parent.mkdir(parents=True, exist_ok=True)
