@@ -11,6 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DEVICES = 8
+# tests/data: files the tests read, and the scripts that wrote them (run by hand with the
+# version they write, not collected: --doctest-modules would import them).
+collect_ignore = ["tests/data"]
 
 
 @pytest.fixture(scope="module")
