@@ -106,6 +106,7 @@ QUICK = {
     "grid_lr_factors": (1.0, 4.0),
 }
 TOLERANCES = (0.01, 0.05)
+WIDE_TOLERANCES = (0.2, 0.5)  # in the Markdown only, computed from the stored seed means
 
 
 # ------------------------------------------------------------------------------ data
@@ -404,6 +405,19 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
+        "Wider tolerances (from the same seed means): the lr span where the final held-out loss "
+        "is within 20% and 50% of the method's best.",
+        "",
+        "| Method | within 20% | within 50% |",
+        "|---|---|---|",
+    ]
+    for result in report["sweep"].values():
+        lrs = [p["lr"] for p in result["points"]]
+        means = [p["loss"]["mean"] for p in result["points"]]
+        wide = [span(good_range(lrs, means, tol)) for tol in WIDE_TOLERANCES]
+        lines.append(f"| {result['label']} | " + " | ".join(wide) + " |")
+    lines += [
+        "",
         "Good range: the contiguous span around the best lr where the seed-mean final held-out "
         "loss is within 1% (5%) of the best (accuracy: within 1% of the best, relative), edges "
         "interpolated in log10(lr); ≥: the span reaches the end of the grid. Early-stopped: "
@@ -551,6 +565,15 @@ def run(cfg: dict, progress: bool = True, methods: Sequence[str] = tuple(METHODS
     return {"task": task["info"], "sweep": sweep, "grid": grid}
 
 
+def _none_to_nan(tree):
+    """The inverse of _nan_to_none for a report read back: null (a diverged value) -> NaN."""
+    if isinstance(tree, dict):
+        return {key: _none_to_nan(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_none_to_nan(value) for value in tree]
+    return math.nan if tree is None else tree
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sweep, for tests")
@@ -558,12 +581,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma list from {tuple(METHODS)}")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    parser.add_argument(
+        "--replot", action="store_true", help="rewrite the .md and .png from the .json in --out"
+    )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods must be a comma list from {tuple(METHODS)}, got {m!r}")
     cfg = QUICK if args.quick else FULL
+    out = Path(args.out)
+    stem = "sensitivity" + "_quick" * args.quick
+    if args.replot:
+        report = json.loads((out / f"{stem}.json").read_text(), parse_constant=float)
+        report = _none_to_nan(report)
+        (out / f"{stem}.md").write_text(markdown(report) + "\n")
+        plot(report, out / f"{stem}.png")
+        return report
     command = "python benchmarks/sensitivity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     result = run(cfg, progress=not args.no_progress, methods=methods)
@@ -575,9 +609,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "k": K, "snoo_outer": list(SNOO_OUTER), "momentum": MOMENTUM,
         **result, "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "sensitivity" + "_quick" * args.quick
     (out / f"{stem}.json").write_text(json.dumps(_nan_to_none(report), indent=1) + "\n")
     text = markdown(report)
     (out / f"{stem}.md").write_text(text + "\n")
