@@ -1,6 +1,9 @@
 """Session-wide test setup (runs before jax initialises) and the fixtures shared by tests/."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
 # Eight emulated CPU devices for the sharding, pmap and shard_map tests; must be
 # set before jax creates its backends.
@@ -26,6 +29,26 @@ def strict_promotion():
     """
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory) -> pathlib.Path:
+    """docs/ built to HTML with warnings as errors (sphinx-build -W), in a fresh process and
+    output directory, once per session: tests/test_docs.py checks the build, tests/test_browser.py
+    opens it in Chromium. Skipped without the docs tools."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    root = pathlib.Path(__file__).resolve().parent
+    out = tmp_path_factory.mktemp("docs") / "html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "docs", out],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"sphinx-build failed:\n{result.stdout}\n{result.stderr}"
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""The documentation site as a reader sees it: every page of the built site (tests/test_docs.py's
-build, shared) opened in headless Chromium, at 1280 px and at 400 px, with every request outside
-the site blocked, as an offline reader or a local preview has it.
+"""The documentation site as a reader sees it: every page of the built site (conftest.py's
+docs_site, the build that tests/test_docs.py checks) opened in headless Chromium, at 1280 px and
+at 400 px, with every request outside the site blocked, as an offline reader or a local preview
+has it.
 
 On every page: no console error, no failed or outside request; every image loaded, and one shown
 smaller than its file links to the full size; every plot the page names (``x.png``) is shown on
@@ -17,12 +18,13 @@ Needs Debian's ``chromium`` (``apt-get install chromium``; .ci/run installs it) 
 import functools
 import http.server
 import os
+import pathlib
 import shutil
 import threading
 
 import pytest
 
-from tests.test_docs import DOCS, build_site
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 pytestmark = pytest.mark.slow
 
@@ -246,10 +248,9 @@ CHECK_PAGE = r"""
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(docs_site):
     """The built site's address, served on 127.0.0.1 for the module."""
-    html = build_site(tmp_path_factory)
-    handler = functools.partial(QuietHandler, directory=str(html))
+    handler = functools.partial(QuietHandler, directory=str(docs_site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -347,16 +348,16 @@ def check(page, trouble, html):
 
 
 @pytest.mark.parametrize("name", PAGES)
-def test_page_as_a_reader_sees_it(browser, site, tmp_path_factory, name):
+def test_page_as_a_reader_sees_it(browser, site, docs_site, name):
     context, page, trouble = open_page(browser, site, f"{name}.html")
     try:
-        problems = check(page, trouble, build_site(tmp_path_factory))
+        problems = check(page, trouble, docs_site)
     finally:
         context.close()
     assert not problems, f"{name}.html:\n  " + "\n  ".join(problems)
 
 
-def test_search_finds_and_its_snippets_read(browser, site, tmp_path_factory):
+def test_search_finds_and_its_snippets_read(browser, site, docs_site):
     """The search page finds pages, and their snippets show math typeset, not TeX."""
     context, page, trouble = open_page(browser, site, f"search.html?q={SEARCH_QUERY}")
     try:
@@ -368,18 +369,17 @@ def test_search_finds_and_its_snippets_read(browser, site, tmp_path_factory):
         page.wait_for_load_state("networkidle")  # the snippets' pages fetched
         typeset(page)
         snippets = page.locator("#search-results p.context").count()
-        problems = check(page, trouble, build_site(tmp_path_factory))
+        problems = check(page, trouble, docs_site)
     finally:
         context.close()
     assert snippets >= 2, f"search.html?q={SEARCH_QUERY}: {snippets} snippets"
     assert not problems, f"search.html?q={SEARCH_QUERY}:\n  " + "\n  ".join(problems)
 
 
-def test_every_page_of_the_site_is_checked(site, tmp_path_factory):
-    html = build_site(tmp_path_factory)
+def test_every_page_of_the_site_is_checked(docs_site):
     built = {
-        str(p.relative_to(html).with_suffix(""))
-        for p in html.rglob("*.html")
-        if not p.relative_to(html).parts[0].startswith("_")
+        str(p.relative_to(docs_site).with_suffix(""))
+        for p in docs_site.rglob("*.html")
+        if not p.relative_to(docs_site).parts[0].startswith("_")
     }
     assert built - {"search"} == set(PAGES)

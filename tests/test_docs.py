@@ -1,9 +1,10 @@
 """The documentation site (docs/): it builds without a warning, documents every public name, and
 every ```python block of its pages runs as printed.
 
-Code blocks follow the README's convention (tests/test_readme.py, whose parser is reused): each
+Code blocks follow the README's convention (tests/test_readme.py; the parser is in helpers): each
 block runs in a fresh namespace, except those the paragraph right before introduces with
-"Continues the previous block.", which run after it. The build is `sphinx-build -W --keep-going`,
+"Continues the previous block.", which run after it. The build (conftest.py's docs_site, which
+tests/test_browser.py opens in Chromium) is `sphinx-build -W --keep-going`,
 so a broken cross-reference, a docstring napoleon cannot parse, a page outside every toctree or
 a missing image fails it; the notebooks are rendered from their committed outputs, not run.
 """
@@ -12,8 +13,6 @@ import ast
 import importlib.util
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ import optax
 import pytest
 
 import lookahead_optax as lo
-from tests.test_readme import CONTINUES, free_names, python_chains
+from tests.helpers import CONTINUES, free_names, python_chains
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -159,45 +158,14 @@ def test_alpha_assignment_shown_does_not_retrace_and_the_weak_one_does():
     assert len(traces) == 2
 
 
-def build_site(tmp_path_factory):
-    """docs/ built to HTML with warnings as errors, in a fresh process and output directory,
-    once per test session (tests/test_browser.py opens the same build)."""
-    pytest.importorskip("sphinx")
-    pytest.importorskip("myst_nb")
-    site = tmp_path_factory.getbasetemp() / "docs-site"
-    out, failed = site / "html", site / "failed.txt"
-    if (site / "built").exists():
-        return out
-    if failed.exists():  # an earlier test of this session built it and failed
-        pytest.fail(failed.read_text())
-    site.mkdir(exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", DOCS, out],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        failed.write_text(f"sphinx-build failed:\n{result.stdout}\n{result.stderr}")
-        pytest.fail(failed.read_text())
-    (site / "built").touch()
-    return out
-
-
-@pytest.fixture(scope="module")
-def built_site(tmp_path_factory):
-    return build_site(tmp_path_factory)
-
-
 @pytest.mark.slow
-def test_docs_build_without_warnings_and_reference_every_public_name(built_site):
+def test_docs_build_without_warnings_and_reference_every_public_name(docs_site):
     from sphinx.util.inventory import InventoryFile
 
-    with open(built_site / "objects.inv", "rb") as f:
+    with open(docs_site / "objects.inv", "rb") as f:
         inventory = InventoryFile.load(f, "", lambda base, uri: uri)
     objects = {name for kind in inventory.values() for name in kind}
-    api = (built_site / "api.html").read_text()
+    api = (docs_site / "api.html").read_text()
     for name in lo.__all__:
         assert f"lookahead_optax.{name}" in objects, (
             f"lookahead_optax.{name} has no reference entry"
@@ -206,13 +174,13 @@ def test_docs_build_without_warnings_and_reference_every_public_name(built_site)
 
 
 @pytest.mark.slow
-def test_every_page_is_reachable_from_the_index(built_site):
+def test_every_page_is_reachable_from_the_index(docs_site):
     """The index links every guide page, the notebooks, the API reference and the changelog, and
     the notebooks come with their committed outputs (figures)."""
-    index = (built_site / "index.html").read_text()
+    index = (docs_site / "index.html").read_text()
     pages = [p.stem for p in DOCS.glob("*.md") if p.name != "index.md"]
     pages += [f"notebooks/{p.stem}" for p in (DOCS / "notebooks").glob("*.ipynb")]
     for page in pages:
         assert f'href="{page}.html"' in index, f"{page} is not linked from the index"
     for notebook in (DOCS / "notebooks").glob("*.ipynb"):
-        assert "<img" in (built_site / "notebooks" / f"{notebook.stem}.html").read_text()
+        assert "<img" in (docs_site / "notebooks" / f"{notebook.stem}.html").read_text()
