@@ -293,12 +293,23 @@ def _shapes(tree: Any) -> list[tuple]:
     return [np.shape(leaf) for leaf in jax.tree.leaves(tree)]
 
 
+def check_worker_count(workers: Any, name: str = "workers", allowed: str = "") -> int:
+    """A number of workers: a positive Python or NumPy integer (not a bool, a float or an
+    array), the same rule for lookahead(workers=...), replicate and resize_workers. Returns
+    it as a Python int."""
+    _check_static(name, workers)
+    is_int = isinstance(workers, numbers.Integral) and not isinstance(workers, (bool, np.bool_))
+    if not is_int or int(workers) < 1:
+        raise ValueError(
+            f"{name} must be a positive int (1, 2, ...; NumPy integers too){allowed}, "
+            f"got {workers!r}"
+        )
+    return int(workers)
+
+
 def check_workers(workers: Any, axis_name: Any, communication_dtype: Any, alpha: Any) -> None:
     if workers is not None:
-        _check_static("workers", workers)
-        is_int = isinstance(workers, numbers.Integral) and not isinstance(workers, (bool, np.bool_))
-        if not is_int or int(workers) < 1:
-            raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+        check_worker_count(workers, "workers", " or None")
         if axis_name is not None:
             raise ValueError(
                 "workers and axis_name are two ways to say where the workers are: workers=N for "

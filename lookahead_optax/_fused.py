@@ -521,6 +521,11 @@ def _land_on_slow(
     def land(p: Any, s: Any) -> Any:
         if is_masked(s) or not is_inexact(p):
             return p
-        return jnp.where(synced, jnp.broadcast_to(s.astype(p.dtype), jnp.shape(p)), p)
+        target = jnp.broadcast_to(s.astype(p.dtype), jnp.shape(p))
+        sharding = getattr(jax.typeof(p), "sharding", None)
+        if any(getattr(sharding, "spec", None) or ()) and jax.typeof(target).sharding != sharding:
+            # Explicit mesh: the broadcast worker axis is not sharded as p's; select needs it.
+            target = jax.sharding.reshard(target, sharding)
+        return jnp.where(synced, target, p)
 
     return treedef.unflatten([land(p, s) for p, s in zip(flat_params, flat_slow)])

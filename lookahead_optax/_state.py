@@ -153,7 +153,7 @@ def the_state(opt_state: optax.OptState, what: str = "opt_state", why: str = "")
             else f"{len(states)}"
         )
         raise ValueError(
-            f"{what} must hold exactly one (outermost) LookaheadState, found {found}"
+            f"{what} must hold exactly one LookaheadState (the outermost), found {found}"
             + (f" ({why})" if why else "")
         )
     return states[0]

@@ -22,10 +22,13 @@ def replicate(params: optax.Params, workers: int) -> optax.Params:
 
     Args:
       params: One worker's params.
-      workers: The number of workers N.
+      workers: The number of workers N, a positive int (NumPy integers too).
 
     Returns:
       A pytree like ``params`` whose leaves have shape ``(N, *leaf.shape)``.
+
+    Raises:
+      ValueError: if ``workers`` is not a positive int (0, -1, 2.0, True).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -33,6 +36,11 @@ def replicate(params: optax.Params, workers: int) -> optax.Params:
       >>> lo.replicate({"w": jnp.array([1.0, -2.0])}, 3)["w"].shape
       (3, 2)
     """
+    from lookahead_optax._checks import check_worker_count
+
+    # Checked before jax sees it: jnp.repeat(x, 2.0) fails and then poisons jax's cache, so
+    # that every later replicate(p, 2) in the process fails too.
+    workers = check_worker_count(workers)
     return jax.tree.map(lambda p: jnp.repeat(jnp.asarray(p)[None], workers, axis=0), params)
 
 
@@ -49,21 +57,37 @@ def resize_workers(
       same step.
     - Workers 0 .. min(N, workers) - 1 keep their fast weights and inner
       states (a lost worker's progress since the last sync is dropped).
-    - A new worker starts at the slow weights with a copy of worker 0's inner
+    - A new worker starts at the slow weights (leaves that never sync, such as
+      int or bool leaves, at worker 0's value) with a copy of worker 0's inner
       state (its moments and counters), so every worker's state has the same
       dtypes and step counts.
+    - Around and beside the lookahead, every leaf of ``opt_state`` with the
+      shape of a leaf of ``params`` carries the worker axis too and is resized
+      the same way (new workers copy worker 0's): ``optax.MultiSteps``'
+      accumulated gradients, the states of a ``multi_transform``'s other
+      branches. Other leaves (counters, hyperparameters) are kept.
 
-    Build the transformation again with ``workers=workers`` and continue with
-    the returned ``(params, opt_state)``. Restore a checkpoint first with the
-    shapes it was saved with (``lo.abstract_opt_state`` of the old ``tx``).
+    Works with the ``opt_state`` and params of an ``nnx.Optimizer`` (Variables
+    keep their types) and with params sharded over a mesh, Explicit or Auto:
+    the resized leaves have their worker axis gathered (replicated over the old
+    mesh, other axes keep their sharding); put them onto the new workers'
+    sharding. Build the transformation again with ``workers=workers`` and
+    continue with the returned ``(params, opt_state)``. Restore a checkpoint
+    first with the shapes it was saved with (``lo.abstract_opt_state`` of the
+    old ``tx``).
 
     Args:
-      opt_state: A state holding a ``LookaheadState`` of a ``workers=N`` run.
+      opt_state: A state holding one ``LookaheadState`` of a ``workers=N`` run.
       params: Its params, with a leading worker axis of size N.
-      workers: The new number of workers.
+      workers: The new number of workers, a positive int (NumPy integers too).
 
     Returns:
       ``(params, opt_state)`` with a leading worker axis of size ``workers``.
+
+    Raises:
+      ValueError: if ``workers`` is not a positive int, ``opt_state`` holds no
+        lookahead (or several) or one without ``workers``, or ``params`` lack
+        its worker axis.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -75,33 +99,106 @@ def resize_workers(
       >>> params["w"].shape, opt_state.inner_state[0].mu["w"].shape
       ((2, 2), (2, 2))
     """
-    from lookahead_optax._state import replace_states, the_state
+    from lookahead_optax._checks import check_worker_axes, check_worker_count, is_masked
+    from lookahead_optax._state import is_lookahead_state, the_state
 
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    workers = check_worker_count(workers)
     state = the_state(opt_state, "resize_workers' opt_state")
-    old = jax.tree.leaves(params)[0].shape[0]
-
-    def resize(x, fill):
-        x = jnp.asarray(x)
-        if workers <= old:
-            return x[:workers]
-        extra = jnp.broadcast_to(jnp.asarray(fill, x.dtype), (workers - old, *x.shape[1:]))
-        return jnp.concatenate([x, extra])
-
-    new_params = jax.tree.map(resize, params, jax.tree.map(jnp.asarray, state.slow))
-    first_inner = jax.tree.map(lambda x: jnp.asarray(x)[0], state.inner_state)
-    new_inner = jax.tree.map(resize, state.inner_state, first_inner)
-    cycle_start = state.cycle_start
-    if cycle_start is not None:
-        first = jax.tree.map(lambda x: jnp.asarray(x)[0], cycle_start)
-        cycle_start = jax.tree.map(resize, cycle_start, first)
     stats = state.sync_stats
-    if stats is not None:
-        stats = stats._replace(worker_drift=resize(stats.worker_drift, 0.0))
-    new_state = state._replace(inner_state=new_inner, cycle_start=cycle_start, sync_stats=stats)
-    new_opt_state = replace_states(lambda _: new_state, opt_state)
+    drift = None if stats is None else _value(stats.worker_drift)
+    if drift is None or np.ndim(drift) != 1:
+        raise ValueError(
+            "resize_workers needs the state of a lookahead built with workers=N (its params "
+            "carry a leading worker axis); this one has "
+            + ("axis_name" if drift is not None else "no workers")
+        )
+    old = int(np.shape(drift)[0])
+    variable = _variable_type()
+    is_leaf = (lambda x: isinstance(x, variable)) if variable else None
+    check_worker_axes(jax.tree.map(_value, params, is_leaf=is_leaf), old)
+
+    def resize(x: Any, fill: Any = None) -> Any:
+        """x with its worker axis cut to ``workers`` or extended by copies of ``fill``
+        (default: worker 0's slice). Variables keep their type and metadata."""
+        value = _gather_worker_axis(jnp.asarray(_value(x)))
+        if workers <= old:
+            new = value[:workers]
+        else:
+            fill = value[0] if fill is None else jnp.asarray(_value(fill))
+            if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended):
+                fill = fill.astype(value.dtype)
+            new = jnp.concatenate([value, jnp.repeat(fill[None], workers - old, axis=0)])
+        return x.replace(new) if variable and isinstance(x, variable) else new
+
+    def per_worker_leaf(x: Any) -> bool:
+        return np.ndim(_value(x)) >= 1 and np.shape(_value(x))[0] == old
+
+    # New workers' params: the slow weights where the lookahead syncs, else worker 0's.
+    param_leaves, param_def = jax.tree.flatten(params, is_leaf=is_leaf)
+    slow_leaves = jax.tree.leaves(
+        state.slow, is_leaf=lambda x: is_masked(x) or bool(is_leaf and is_leaf(x))
+    )
+    new_param_leaves = []
+    for p, slow in zip(param_leaves, slow_leaves, strict=True):
+        synced = not is_masked(slow) and jnp.issubdtype(jnp.result_type(_value(p)), jnp.inexact)
+        new_param_leaves.append(resize(p, slow if synced else None))
+    new_params = param_def.unflatten(new_param_leaves)
+
+    def resize_state(s: Any) -> Any:
+        inner = jax.tree.map(
+            lambda x: resize(x) if per_worker_leaf(x) else x, s.inner_state, is_leaf=is_leaf
+        )
+        cycle_start = s.cycle_start
+        if cycle_start is not None:
+            cycle_start = jax.tree.map(
+                lambda x: resize(x) if per_worker_leaf(x) else x, cycle_start, is_leaf=is_leaf
+            )
+        new_stats = s.sync_stats._replace(
+            worker_drift=resize(s.sync_stats.worker_drift, jnp.zeros([], jnp.float32))
+        )
+        return s._replace(inner_state=inner, cycle_start=cycle_start, sync_stats=new_stats)
+
+    # Outside the lookahead: the leaves shaped like a leaf of params carry the worker axis.
+    param_shapes = {np.shape(_value(p)) for p in param_leaves}
+
+    def outside(x: Any) -> Any:
+        if is_lookahead_state(x):
+            return resize_state(x)
+        if np.shape(_value(x)) in param_shapes and per_worker_leaf(x):
+            return resize(x)
+        return x
+
+    either = lambda x: is_lookahead_state(x) or bool(is_leaf and is_leaf(x))  # noqa: E731
+    new_opt_state = jax.tree.map(outside, opt_state, is_leaf=either)
     return new_params, new_opt_state
+
+
+def _variable_type() -> Any:
+    """``flax.nnx.Variable`` if flax is loaded (params or states holding Variables mean it
+    is), else None: flax stays optional."""
+    import sys
+
+    nnx = sys.modules.get("flax.nnx")
+    return getattr(nnx, "Variable", None)
+
+
+def _value(x: Any) -> Any:
+    """The array inside an nnx Variable, or x itself."""
+    variable = _variable_type()
+    return x.get_value() if variable and isinstance(x, variable) else x
+
+
+def _gather_worker_axis(x: jax.Array) -> jax.Array:
+    """``x`` with its worker axis (0) not sharded, so it can be sliced and extended: on an
+    Explicit mesh slicing a sharded axis is a ShardingTypeError. Other axes keep their
+    sharding; unsharded arrays are returned as they are."""
+    sharding = getattr(x, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not spec or spec[0] is None:
+        return x
+    rest = tuple(spec[1:])
+    target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *rest))
+    return jax.device_put(x, target)
 
 
 # --- The worker machinery of lookahead(workers=N / axis_name=...) -----------------------------

@@ -364,3 +364,176 @@ def test_the_documented_calls_type_check(tmp_path):
             ours.append(f"{line}\n    {source.strip()}")
     assert "error: " not in result.stderr, result.stderr
     assert not ours, "\n".join(ours)
+
+
+# ---- replicate and resize_workers ----
+
+ONE = {"w": jnp.array([1.0, -2.0, 0.5]), "n": jnp.zeros((), jnp.int32)}
+
+
+def _steps(tx, params, opt_state, num_steps, start=0):
+    for i in range(start, start + num_steps):
+        grads = jax.tree.map(
+            lambda x: x * (i + 1) - 0.3 if jnp.issubdtype(x.dtype, jnp.floating) else x * 0,
+            params,
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, opt_state
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2", None, jnp.asarray(2)])
+def test_replicate_names_a_bad_worker_count(bad):
+    """0.3.0: replicate(p, 0) made an empty worker axis; -1 and 2.0 raised jax's errors."""
+    with pytest.raises(ValueError, match="workers must be a (positive|Python) int"):
+        lo.replicate(ONE, bad)
+    # 2.0 reached jnp.repeat, which then failed for every later replicate(p, 2) as well.
+    assert lo.replicate(ONE, 2)["w"].shape == (2, 3)
+    assert lo.replicate(ONE, np.int64(2))["w"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, True, np.bool_(True), jnp.asarray(3)])
+def test_worker_counts_follow_one_rule(bad):
+    """NumPy integers are accepted everywhere (0.3.0 took lookahead(workers=np.int64(2)) and
+    refused resize_workers(..., np.int64(3))), bools, floats and arrays nowhere."""
+    tx = lo.lookahead(optax.sgd(0.1), k=2, workers=np.int64(2))
+    params = lo.replicate(ONE, np.int32(2))
+    params, opt_state = lo.resize_workers(tx.init(params), params, np.int64(3))
+    assert params["w"].shape == (3, 3)
+    for call in (
+        lambda: lo.lookahead(optax.sgd(0.1), k=2, workers=bad),
+        lambda: lo.replicate(ONE, bad),
+        lambda: lo.resize_workers(opt_state, params, bad),
+    ):
+        with pytest.raises(ValueError, match="workers must be a (positive|Python) int"):
+            call()
+
+
+@pytest.mark.parametrize("outer", [None, NESTEROV])
+def test_new_workers_start_at_the_slow_weights_with_worker_0s_inner_state(outer):
+    """Mid-cycle, the workers' params have left phi: a new worker starts at phi (never worker
+    0's params), an int leaf at worker 0's value; kept workers keep theirs."""
+    tx = lo.lookahead(optax.adam(0.1), k=4, workers=2, outer=outer)
+    params = lo.replicate(ONE, 2)
+    params = {**params, "n": jnp.array([5, 7], jnp.int32)}
+    params, opt_state = _steps(tx, params, tx.init(params), 2)  # no sync yet
+    phi = opt_state.slow["w"]
+    assert not np.array_equal(params["w"][0], phi)
+    new_params, new_state = lo.resize_workers(opt_state, params, 4)
+    np.testing.assert_array_equal(new_params["w"][:2], params["w"])
+    for w in (2, 3):
+        np.testing.assert_array_equal(new_params["w"][w], phi)
+        assert int(new_params["n"][w]) == 5
+    mu = new_state.inner_state[0].mu["w"]
+    np.testing.assert_array_equal(mu[2], mu[0])
+    np.testing.assert_array_equal(new_state.slow["w"], phi)
+    assert int(new_state.count) == 2 and new_state.sync_stats.worker_drift.shape == (4,)
+    # The cycle under way ends on time with 4 workers, all of them at the new phi.
+    tx4 = lo.lookahead(optax.adam(0.1), k=4, workers=4, outer=outer)
+    new_params, new_state = _steps(tx4, new_params, new_state, 2, start=2)
+    assert int(new_state.syncs) == 1
+    for w in range(4):
+        np.testing.assert_allclose(new_params["w"][w], new_state.slow["w"], rtol=1e-6)
+
+
+WRAPPED = {
+    "MultiSteps": lambda n: optax.MultiSteps(lo.lookahead(optax.adam(0.1), k=3, workers=n), 2),
+    "multi_transform": lambda n: optax.multi_transform(
+        {"a": lo.lookahead(optax.adam(0.1), k=3, workers=n), "b": optax.sgd(0.1, momentum=0.9)},
+        {"w": "a", "n": "b"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_resize_workers_resizes_every_leaf_with_the_worker_axis(name, workers):
+    """0.3.0 resized only the LookaheadState: MultiSteps' accumulators and multi_transform's
+    other branches kept 2 workers and the next update blamed "grads"."""
+    make = WRAPPED[name]
+    params = lo.replicate(ONE, 2)
+    params, opt_state = _steps(make(2), params, make(2).init(params), 3)
+    new_params, new_state = lo.resize_workers(opt_state, params, workers)
+    tx = make(workers)
+    fresh = tx.init(new_params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(fresh)
+    assert [np.shape(x) for x in jax.tree.leaves(new_state)] == [
+        np.shape(x) for x in jax.tree.leaves(fresh)
+    ]
+    if name == "MultiSteps":  # the accumulated gradients: kept, or worker 0's for a new one
+        acc, old_acc = new_state.acc_grads["w"], opt_state.acc_grads["w"]
+        np.testing.assert_array_equal(acc[: min(2, workers)], old_acc[: min(2, workers)])
+        if workers > 2:
+            np.testing.assert_array_equal(acc[2], old_acc[0])
+    _steps(tx, new_params, new_state, 4)  # trains on
+
+
+def test_resize_workers_on_an_explicit_mesh():
+    """0.3.0: ShardingTypeError (slicing the sharded worker axis). The resized leaves come
+    back with the worker axis gathered; put them on the new mesh and train on."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    def on(mesh, tree):
+        return jax.tree.map(
+            lambda x: (
+                jax.device_put(x, NamedSharding(mesh, PartitionSpec("workers")))
+                if np.ndim(x)
+                else x
+            ),
+            tree,
+        )
+
+    explicit = (AxisType.Explicit,)
+    two = jax.make_mesh((2,), ("workers",), axis_types=explicit, devices=jax.devices()[:2])
+    four = jax.make_mesh((4,), ("workers",), axis_types=explicit, devices=jax.devices()[:4])
+    tx = lo.lookahead(optax.adam(0.1), k=3, workers=2)
+    params = on(two, lo.replicate({"w": jnp.array([1.0, -2.0, 0.5, 3.0])}, 2))
+    with jax.set_mesh(two):
+        opt_state = jax.jit(tx.init)(params)
+        step = jax.jit(lambda p, s: lo.update_and_apply(tx, p, s, p))
+        params, opt_state = step(params, opt_state)
+        new_params, new_state = lo.resize_workers(opt_state, params, 4)
+    assert new_params["w"].shape == (4, 4)
+    np.testing.assert_array_equal(new_params["w"][2], opt_state.slow["w"])
+    tx4 = lo.lookahead(optax.adam(0.1), k=3, workers=4)
+    new_params = on(four, new_params)
+    with jax.set_mesh(four):  # the state onto the new mesh, as tx4.init would place it
+        shardings = jax.tree.map(lambda x: x.sharding, jax.jit(tx4.init)(new_params))
+        new_state = jax.device_put(new_state, shardings)
+        step = jax.jit(lambda p, s: lo.update_and_apply(tx4, p, s, p))
+        for _ in range(2):
+            new_params, new_state = step(new_params, new_state)
+    assert int(new_state.syncs) == 1
+    assert new_params["w"].sharding.spec[0] == "workers"
+
+
+def test_resize_workers_with_an_nnx_optimizer():
+    """0.3.0: raw pytree errors on an nnx.Optimizer's state and nnx.State params."""
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, workers):
+            self.w = nnx.Param(lo.replicate(jnp.array([1.0, -2.0, 0.5]), workers))
+
+        def __call__(self):
+            return jnp.sum(self.w[...] ** 2)
+
+    model = Model(2)
+    optimizer = nnx.Optimizer(model, lo.lookahead(optax.adam(0.1), k=3, workers=2), wrt=nnx.Param)
+    optimizer.update(model, nnx.grad(lambda m: m())(model))
+    phi = optimizer.opt_state.slow["w"][...]
+    params, opt_state = lo.resize_workers(optimizer.opt_state, nnx.state(model, nnx.Param), 3)
+    assert isinstance(params["w"], nnx.Param) and params["w"][...].shape == (3, 3)
+    np.testing.assert_array_equal(params["w"][...][2], phi)
+    resized = Model(3)
+    nnx.update(resized, params)
+    optimizer3 = nnx.Optimizer(
+        resized, lo.lookahead(optax.adam(0.1), k=3, workers=3), wrt=nnx.Param
+    )
+    assert jax.tree.structure(nnx.state(optimizer3.opt_state)) == jax.tree.structure(
+        nnx.state(opt_state)
+    )
+    optimizer3.opt_state = opt_state
+    for _ in range(2):
+        optimizer3.update(resized, nnx.grad(lambda m: m())(resized))
+    assert int(optimizer3.opt_state.syncs[...]) == 1
