@@ -204,18 +204,7 @@ class Broken:
     strict: bool = True
 
 
-def _static_under_vmap(c: Combo) -> bool:
-    return c.entry == "static" and c.workers == "axis"
-
-
 KNOWN_BROKEN: list[Broken] = [
-    Broken(
-        "issue 18 (messages): StaticSyncStep / update_and_apply(sync=...) with fragments > 1 "
-        "fail with a message about 'exactly one lookahead reached through wrappers', not "
-        "about fragments",
-        lambda c: c.entry == "static" and c.fragments > 1 and not _static_under_vmap(c),
-        frozenset({"raises"}),
-    ),
     Broken(
         "issue 18 (silent wrong results): after a sync, update_and_apply's params are the "
         "slow weights only up to rounding (p + (phi - p)) with fragments > 1 (update_and_apply "
@@ -228,8 +217,8 @@ KNOWN_BROKEN: list[Broken] = [
         "found by this matrix, not in issue 18: StaticSyncStep under vmap(axis_name=...) "
         "reads the per-worker (batched) count of the states as one Python int: 'TypeError: "
         "only 0-dimensional arrays can be converted to Python scalars'",
-        _static_under_vmap,
-        frozenset({"crash", "raises"}),
+        lambda c: c.entry == "static" and c.workers == "axis",
+        frozenset({"crash"}),
     ),
     Broken(
         "found by this matrix, not in issue 18: StaticSyncStep around apply_if_finite: a "
