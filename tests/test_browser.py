@@ -171,7 +171,8 @@ CHECK_PAGE = r"""
         const names = text.replace(/'[^']*'|"[^"]*"/g, "").match(/[A-Za-z_][\w.]*/g) || [];
         for (const name of names) {
           if (name.includes(".") || KNOWN.has(name)) continue;
-          if (document.getElementById(`lookahead_optax.${name}`)) continue;
+          if (document.querySelector(`dt[id="lookahead_optax.${name}"], dt[id$=".${name}"]`))
+            continue;
           problems.push(`${where(part.closest("dt"))} ${oneLine(part.closest("dt").id)}: ` +
             `the type ${name} is neither documented nor qualified`);
         }
