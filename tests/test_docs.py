@@ -10,9 +10,14 @@ a missing image fails it; the notebooks are rendered from their committed output
 """
 
 import ast
+import functools
 import importlib.util
+import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,12 +111,47 @@ def run_chain(page, chain):
     return namespace
 
 
+# Runs a page's chains as a reader does: a fresh Python process, without the test session's
+# environment (conftest.py's XLA_FLAGS emulates 8 CPU devices; a reader's CPU has one), each
+# chain in a fresh namespace. Writes {first line: traceback or None} as JSON to argv[1].
+READER = """
+import json, sys, traceback
+chains, results = json.load(sys.stdin), {}
+for page, chain in chains:
+    namespace = {"__name__": "__main__"}
+    try:
+        for line, code in chain:
+            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
+        results[str(chain[0][0])] = None
+    except BaseException:
+        results[str(chain[0][0])] = traceback.format_exc()
+json.dump(results, open(sys.argv[1], "w"))
+"""
+
+
+@functools.cache
+def run_page_as_a_reader(page, tmp):
+    """{first line of each chain: None, or the traceback of its failure} for docs/page, run by
+    READER in a fresh process with the environment minus XLA_FLAGS: one CPU device."""
+    chains = [(page, [(line, code) for line, code, _ in chain]) for p, chain in CHAINS if p == page]
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    out = pathlib.Path(tmp) / f"{page}.json"
+    result = subprocess.run(
+        [sys.executable, "-c", READER, str(out)], input=json.dumps(chains), cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize(
     "page,chain", CHAINS, ids=[f"docs/{page}:{chain[0][0]}" for page, chain in CHAINS]
 )
-def test_python_blocks_run_as_printed(page, chain):
+def test_python_blocks_run_as_printed(page, chain, tmp_path_factory):
     """As for the README: a standalone block runs in a fresh namespace, every block marked as
-    continuing runs after the one before it, and each example asserts something."""
+    continuing runs after the one before it, and each example asserts something. They run as
+    a reader runs them: in a fresh process on one CPU device (not the 8 this session emulates),
+    so a block that needs several devices must say so and adapt."""
     for line, code, continues in chain:
         if continues:
             assert free_names(code), f"docs/{page} line {line}: marked but needs nothing earlier"
@@ -121,7 +161,8 @@ def test_python_blocks_run_as_printed(page, chain):
     missing = sorted({m for _, code, _ in chain for m in missing_modules(code)})
     if missing:  # only without the extras (.ci/floors' core check); CI installs them
         pytest.skip(f"not installed: {missing}")
-    run_chain(page, chain)
+    failure = run_page_as_a_reader(page, str(tmp_path_factory.getbasetemp()))[str(chain[0][0])]
+    assert failure is None, f"the example at docs/{page} line {chain[0][0]} failed:\n{failure}"
 
 
 def test_alpha_assignment_shown_does_not_retrace_and_the_weak_one_does():
