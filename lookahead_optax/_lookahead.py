@@ -200,13 +200,11 @@ def lookahead(
     )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _checks.check_state(state)
+        _checks.check_state(state, config)
         _checks.check_trees(updates, params, state.slow, config.where.workers)
         hint = extra_args.pop(HINT_KEY, None)  # never forwarded to the inner optimizer
-        sync = None
-        if config.fragments == 1 and isinstance(hint, SyncHint) and hint.count is state.count:
-            hint.taken = True  # update_and_apply decided this call's sync (note 5)
-            sync = hint.sync
+        # update_and_apply may have decided this call's sync (note 5); None: decide here.
+        sync = hint.take(state.count, config.fragments) if isinstance(hint, SyncHint) else None
         return _update(config, updates, state, params, sync, extra_args)
 
     return optax.GradientTransformationExtraArgs(lambda params: _init(config, params), update_fn)
@@ -228,6 +226,7 @@ class _Config(NamedTuple):
 
 def _init(config: _Config, params: optax.Params) -> LookaheadState:
     where = config.where
+    _checks.check_worker_axes(params, where.workers)  # before vmap's own rank error
 
     def copy(p):
         # A real copy (not an alias of params), so params and state can both be donated.
