@@ -319,11 +319,11 @@ class Contender:
         else:
             self.opt_state = lookahead_tx(5).init(self.params)
             if name in ("two_executables", "offloaded"):
-                self.stepper = lo.StaticSyncStep(
+                self.stepper = lo.experimental.StaticSyncStep(
                     static_step, donate_argnums=(0, 1), offload=name == "offloaded"
                 )
                 if name == "offloaded":
-                    self.opt_state = lo.offload_state(self.opt_state)
+                    self.opt_state = lo.experimental.offload_state(self.opt_state)
                 for sync in (False, True):
                     lowered = self.stepper.lower(
                         sync, self.params, self.opt_state, grads, jnp.int32(5)
@@ -495,7 +495,7 @@ def bench_steps(total: int, leaves: int, names: list[str], args) -> dict[str, An
 
 def bench_link(args) -> dict[str, Any]:
     device = jax.devices()[0]
-    if not lo.memory_kinds_supported(device):
+    if not lo.experimental.memory_kinds_supported(device):
         return {"skipped": f"{device.platform} has no pinned_host memory here"}
     on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
     on_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
@@ -536,7 +536,7 @@ def bench_link(args) -> dict[str, Any]:
 
 
 def bench_offload(total: int, leaves: int, args) -> dict[str, Any]:
-    if not lo.memory_kinds_supported():
+    if not lo.experimental.memory_kinds_supported():
         return {"skipped": f"{jax.default_backend()} has no pinned_host memory here"}
     result = bench_steps(total, leaves, ["two_executables", "offloaded"], args)
     off = result["contenders"]["offloaded"]

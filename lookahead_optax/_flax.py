@@ -34,7 +34,7 @@ def nnx_slow_model(model: Any, optimizer: Any) -> Any:
     ``var``) are those of the *fast* trajectory: the running averages of the
     activations the fast weights produced during training, not the activations
     at the slow weights. To evaluate with statistics measured at the slow
-    weights, recompute them with :func:`lookahead_optax.nnx_update_batch_stats`
+    weights, recompute them with :func:`lookahead_optax.flax.nnx_update_batch_stats`
     (as ``torch.optim.swa_utils.update_bn`` does for weight averaging).
 
     Args:
@@ -56,7 +56,7 @@ def nnx_slow_model(model: Any, optimizer: Any) -> Any:
       >>> optimizer = nnx.Optimizer(model, lo.lookahead(optax.sgd(0.1), k=3), wrt=nnx.Param)
       >>> grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2))) ** 2))(model)
       >>> _ = optimizer.update(model, grads)  # one fast step; no sync yet
-      >>> slow = lo.nnx_slow_model(model, optimizer)
+      >>> slow = lo.flax.nnx_slow_model(model, optimizer)
       >>> bool(jnp.all(slow.kernel[...] == model.kernel[...]))  # fast weights moved
       False
       >>> init = nnx.Linear(2, 1, rngs=nnx.Rngs(0))  # slow weights = initial ones
@@ -78,7 +78,7 @@ def nnx_update_batch_stats(
     """Returns a copy of ``model`` whose BatchNorm statistics are recomputed over ``batches``.
 
     The NNX counterpart of PyTorch's ``torch.optim.swa_utils.update_bn``, for the
-    model :func:`lookahead_optax.nnx_slow_model` returns: that model holds the
+    model :func:`lookahead_optax.flax.nnx_slow_model` returns: that model holds the
     slow weights but the batch statistics of the fast trajectory. This runs the
     model once over every batch and sets the running statistics of each
     ``nnx.BatchNorm`` to, exactly (up to float32 rounding),
@@ -100,7 +100,7 @@ def nnx_update_batch_stats(
     ``model`` itself is not changed: the result is a new module, sharing no
     Variable with it, with every other variable and every attribute (modes,
     ``momentum``) as in ``model``. So
-    ``lo.nnx_update_batch_stats(lo.nnx_slow_model(model, optimizer), batches)``
+    ``lo.flax.nnx_update_batch_stats(lo.flax.nnx_slow_model(model, optimizer), batches)``
     leaves the trained model untouched. A model with no ``nnx.BatchNorm`` is
     returned as a copy without running it.
 
@@ -126,7 +126,7 @@ def nnx_update_batch_stats(
       >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
       ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
       >>> x = jax.random.normal(jax.random.key(1), (4, 8, 2))  # 4 batches of 8
-      >>> updated = lo.nnx_update_batch_stats(model, x)
+      >>> updated = lo.flax.nnx_update_batch_stats(model, x)
       >>> h = x @ model.layers[0].kernel[...] + model.layers[0].bias[...]
       >>> bool(jnp.allclose(updated.layers[1].mean[...], h.mean((0, 1)), atol=1e-6))
       True

@@ -11,7 +11,7 @@ Three ways to run the decided step, all with the same numbers (up to an ulp):
   On XLA:CPU, with params and state donated, XLA copies the donated state first: 3.4x
   Adam's step at 256K params, 11x at 16M (benchmarks/device.py). For measuring, not use.
 - ``sync=True/False``: the caller knows whether this step syncs (two executables chosen
-  from Python, e.g. by :class:`StaticSyncStep`, which owns the counter): no conditional
+  from Python, e.g. by :class:`~lookahead_optax.experimental.StaticSyncStep`, which owns the counter): no conditional
   and no extra read.
 """
 
@@ -36,11 +36,11 @@ DEFAULT_FORMULATION: dict[str, Formulation] = {"cpu": "cond"}
 
 
 def default_formulation(backend: str | None = None) -> Literal["cond", "select"]:
-    """The formulation :func:`update_and_apply` uses on ``backend`` (default: jax's default).
+    """The formulation :func:`~lookahead_optax.update_and_apply` uses on ``backend`` (default: jax's default).
 
     Examples:
       >>> import lookahead_optax as lo
-      >>> lo.default_formulation("cpu")
+      >>> lo.experimental.default_formulation("cpu")
       'cond'
     """
     return DEFAULT_FORMULATION.get(backend or jax.default_backend(), "cond")
@@ -107,7 +107,7 @@ def update_and_apply(
         with no conditional at all; two executables, chosen from Python. It must
         equal ``count + 1 >= period`` of the state (see :func:`next_call_syncs`);
         a wrong value syncs at the wrong step, and is not checked here (a check
-        would slow every call's dispatch). :class:`StaticSyncStep` owns the
+        would slow every call's dispatch). :class:`~lookahead_optax.experimental.StaticSyncStep` owns the
         counter and checks every decision on the device. Requires the fused path
         (ValueError if not).
       formulation: How a decision made on the device is taken (``sync=None``):
@@ -115,7 +115,7 @@ def update_and_apply(
         runs); ``"select"``, both whole steps and one select per leaf (no
         conditional, but both cases computed every step, effects in ``tx`` run
         twice, and on XLA:CPU copies of the donated state: several times
-        slower there). Default: :func:`default_formulation` of
+        slower there). Default: :func:`~lookahead_optax.experimental.default_formulation` of
         ``jax.default_backend()``, ``"cond"`` on every backend so far.
       **extra_args: Passed to ``tx.update`` (``value``, ``grad``, ...).
 
@@ -195,7 +195,7 @@ def fused_path_taken(
     params: optax.Params,
     **extra_args,
 ) -> bool:
-    """Whether :func:`update_and_apply` takes its fused path for these arguments.
+    """Whether :func:`~lookahead_optax.update_and_apply` takes its fused path for these arguments.
 
     Traces ``tx.update`` once with ``jax.eval_shape``: nothing is computed and
     no effect runs.
@@ -253,9 +253,12 @@ def _the_state(tree: Any, what: str) -> LookaheadState:
 def next_call_syncs(opt_state: optax.OptState) -> bool:
     """Whether the next ``update`` of this state syncs: ``count + 1 >= period``, read on the host.
 
+    With ``fragments > 1``: whether it syncs any fragment (fragment j syncs at step
+    ``max(1, (j + 1) period // fragments)`` of each cycle, the last at the end).
+
     A device-to-host read: it waits until the step that produced ``opt_state`` has
     finished, so a loop that calls it every step cannot run ahead of the device.
-    :class:`StaticSyncStep` reads it once and counts in Python after that.
+    :class:`~lookahead_optax.experimental.StaticSyncStep` reads it once and counts in Python after that.
 
     Raises:
       ValueError: if ``opt_state`` does not hold exactly one outermost LookaheadState.
@@ -272,16 +275,22 @@ def next_call_syncs(opt_state: optax.OptState) -> bool:
       >>> lo.next_call_syncs(opt_state)
       True
     """
+    from lookahead_optax._steps import fragment_syncs
+    from lookahead_optax._tree import fragment_trees, is_empty
+
     state = _the_state(opt_state, "opt_state")
     count, period = jax.device_get((state.count, state.period))
-    return bool(int(count) + 1 >= int(period))
+    fragments = int(getattr(state, "fragments", 1))
+    syncs = fragment_syncs(int(count) + 1, int(period), fragments)
+    parts = fragment_trees(state.slow, fragments)  # an empty fragment's sync moves nothing
+    return any(bool(s) and not is_empty(part) for s, part in zip(syncs, parts))
 
 
 class StaticSyncStep:
     """A training step as two executables, the sync decided in Python: no conditional.
 
     ``fn(*args, sync, **kwargs)`` is your step; it passes ``sync`` (a Python bool) to
-    :func:`update_and_apply`. Calling this object runs ``fn`` jitted with ``sync`` static,
+    :func:`~lookahead_optax.update_and_apply`. Calling this object runs ``fn`` jitted with ``sync`` static,
     so the program of a non-sync step is the inner optimizer's step and never reads the
     slow weights, and the sync step computes the inner update once. The counter lives in
     Python: ``count`` and ``period`` are read from the state once, at the first call (and
@@ -297,7 +306,7 @@ class StaticSyncStep:
     stepped elsewhere. Call :meth:`resync` after such a change.
 
     With ``offload=True`` the lookahead's slow weights and outer state live in
-    ``pinned_host`` memory (see :func:`lookahead_optax.offload_state`; moved there at the
+    ``pinned_host`` memory (see :func:`lookahead_optax.experimental.offload_state`; moved there at the
     first call if needed): a non-sync step does not receive them at all, and the sync
     step, the only executable that touches them, moves them to the device, updates them
     and moves them back. The device then holds no more than the inner optimizer's state
@@ -320,7 +329,7 @@ class StaticSyncStep:
       >>> def train_step(params, opt_state, *, sync):
       ...     grads = params  # gradient of 0.5 * ||w||^2
       ...     return lo.update_and_apply(tx, grads, opt_state, params, sync=sync)
-      >>> step = lo.StaticSyncStep(train_step, donate_argnums=(0, 1))
+      >>> step = lo.experimental.StaticSyncStep(train_step, donate_argnums=(0, 1))
       >>> params = {"w": jnp.array([1.0, -2.0])}
       >>> opt_state = tx.init(params)
       >>> for _ in range(2):
@@ -405,7 +414,7 @@ class StaticSyncStep:
           >>> import jax.numpy as jnp, optax
           >>> import lookahead_optax as lo
           >>> tx = lo.lookahead(optax.sgd(0.1), k=2)
-          >>> step = lo.StaticSyncStep(
+          >>> step = lo.experimental.StaticSyncStep(
           ...     lambda p, s, *, sync: lo.update_and_apply(tx, p, s, p, sync=sync)
           ... )
           >>> params = {"w": jnp.ones(2)}

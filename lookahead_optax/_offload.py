@@ -2,7 +2,7 @@
 
 The slow weights are read and written only at a sync, once every k steps. Kept in the
 host's ``pinned_host`` memory, they cost no device memory; the sync step, a separate
-executable chosen from Python (:class:`lookahead_optax.StaticSyncStep` with
+executable chosen from Python (:class:`lookahead_optax.experimental.StaticSyncStep` with
 ``offload=True``), moves them in, updates them and moves them back, and no other step
 touches them. They never enter a ``lax.cond``: XLA's host-offload pass does not handle
 conditionals, which is why the sync cannot be decided on the device here.
@@ -34,7 +34,7 @@ def memory_kinds_supported(device: jax.Device | None = None) -> bool:
 
     Examples:
       >>> import lookahead_optax as lo
-      >>> isinstance(lo.memory_kinds_supported(), bool)
+      >>> isinstance(lo.experimental.memory_kinds_supported(), bool)
       True
     """
     device = device or jax.devices()[0]
@@ -110,7 +110,7 @@ def offload_state(opt_state: Any) -> Any:
     The outermost :class:`~lookahead_optax.LookaheadState` in ``opt_state`` (under
     ``optax.chain``, ``inject_hyperparams``, ...) keeps its structure; the leaves of its
     ``slow`` and ``outer_state`` move to the host (same devices, same sharding; PRNG keys
-    stay). Train on with :class:`lookahead_optax.StaticSyncStep` and ``offload=True``,
+    stay). Train on with :class:`lookahead_optax.experimental.StaticSyncStep` and ``offload=True``,
     which moves them itself at its first call if they are not there yet; ``tx.update``
     and the device-decided :func:`lookahead_optax.update_and_apply` need them on the
     device (:func:`onload_state`).
@@ -124,10 +124,10 @@ def offload_state(opt_state: Any) -> Any:
       >>> import lookahead_optax as lo
       >>> tx = lo.lookahead(optax.adam(1e-3), k=5)
       >>> params = {"w": jnp.ones(3)}
-      >>> opt_state = lo.offload_state(tx.init(params))
+      >>> opt_state = lo.experimental.offload_state(tx.init(params))
       >>> opt_state.slow["w"].sharding.memory_kind
       'pinned_host'
-      >>> lo.onload_state(opt_state).slow["w"].sharding.memory_kind
+      >>> lo.experimental.onload_state(opt_state).slow["w"].sharding.memory_kind
       'device'
     """
     return _move_state(opt_state, HOST)

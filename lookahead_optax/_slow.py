@@ -36,7 +36,7 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
     unless ``slow_dtype`` was given. Pure: works under ``jit`` and ``vmap``.
     With Flax NNX, pass ``nnx.Optimizer.opt_state`` and
     ``nnx.state(model, nnx.Param)``: the result is an ``nnx.State`` of
-    ``nnx.Param`` (see also :func:`lookahead_optax.nnx_slow_model`).
+    ``nnx.Param`` (see also :func:`lookahead_optax.flax.nnx_slow_model`).
 
     With ``workers=N`` the params carry a leading worker axis and the result
     does not: it is the one set of slow weights all workers share. Leaves that

@@ -55,7 +55,7 @@ OFFLOAD_CONFIGURATIONS = {
     ),
 }
 needs_memory_kinds = pytest.mark.skipif(
-    not lo.memory_kinds_supported(),
+    not lo.experimental.memory_kinds_supported(),
     reason=f"jax {jax.__version__} on {jax.default_backend()} exposes no pinned_host memory",
 )
 
@@ -70,10 +70,13 @@ def assert_states_close(got, want, step, exact=False):
     assert jax.tree.structure(got) == jax.tree.structure(want), f"step {step}"
     for a, b in zip(got_leaves, want_leaves):
         a, b = np.asarray(a), np.asarray(b)
-        if exact or not np.issubdtype(a.dtype, np.inexact):
+        if exact or not jnp.issubdtype(a.dtype, jnp.inexact):
             np.testing.assert_array_equal(a, b, err_msg=f"step {step}")
-        else:  # an ulp where XLA fuses differently (see test_fused)
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"step {step}")
+        else:  # an ulp where XLA fuses differently (see test_fused), or where tx.update's
+            # p + (phi - p) cannot land exactly in a narrow params dtype
+            eps = float(jnp.finfo(a.dtype).eps)
+            rtol, atol = max(1e-6, eps), max(1e-7, eps / 64)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"step {step}")
 
 
 def static_train_step(tx):
@@ -129,7 +132,7 @@ def test_which_programs_hold_a_conditional():
 
 def test_the_default_path_is_unchanged_on_cpu():
     # The CPU default is the whole-step cond: the same program as formulation="cond".
-    assert lo.default_formulation("cpu") == "cond"
+    assert lo.experimental.default_formulation("cpu") == "cond"
     tx = lo.lookahead(optax.adam(0.05), k=3)
     params = initial_params()
     opt_state = tx.init(params)
@@ -198,7 +201,7 @@ def test_next_call_syncs_follows_the_period():
 @pytest.mark.parametrize("name", quick_few(FUSED, SOME))
 def test_static_sync_step_equals_tx_update(name):
     tx = CONFIGURATIONS[name]()
-    step = lo.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1))
+    step = lo.experimental.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1))
     params = initial_params()
     opt_state = tx.init(params)
     history = configuration_history(name)
@@ -215,7 +218,7 @@ def test_static_sync_step_equals_tx_update(name):
 
 def test_static_sync_step_executables_hold_no_conditional():
     tx = lo.lookahead(optax.adam(0.05), k=3)
-    step = lo.StaticSyncStep(static_train_step(tx))
+    step = lo.experimental.StaticSyncStep(static_train_step(tx))
     params = initial_params()
     for sync in (False, True):
         assert "conditional(" not in step.lower(sync, params, tx.init(params)).compile().as_text()
@@ -223,7 +226,7 @@ def test_static_sync_step_executables_hold_no_conditional():
 
 def test_a_state_stepped_behind_the_steps_back_is_an_error_not_a_silent_desync():
     tx = lo.lookahead(optax.sgd(0.1), k=3)
-    step = lo.StaticSyncStep(static_train_step(tx))
+    step = lo.experimental.StaticSyncStep(static_train_step(tx))
     params = initial_params()
     opt_state = tx.init(params)
     params, opt_state = step(params, opt_state)  # count 1 on both sides
@@ -235,7 +238,7 @@ def test_a_state_stepped_behind_the_steps_back_is_an_error_not_a_silent_desync()
 
 def test_the_check_at_the_next_sync_raises_by_itself():
     tx = lo.lookahead(optax.sgd(0.1), k=2)
-    step = lo.StaticSyncStep(static_train_step(tx))
+    step = lo.experimental.StaticSyncStep(static_train_step(tx))
     params = initial_params()
     opt_state = tx.init(params)
     params, opt_state = step(params, opt_state)
@@ -251,7 +254,7 @@ def test_a_new_period_needs_resync_and_resync_fixes_it():
     # inject_hyperparams). The step counted with period 2 until told.
     tx = lo.lookahead(optax.sgd(0.1), k=3)
     restored = lo.lookahead(optax.sgd(0.1), k=2).init(initial_params())
-    step = lo.StaticSyncStep(static_train_step(tx))
+    step = lo.experimental.StaticSyncStep(static_train_step(tx))
     params, opt_state = initial_params(), restored
     for _ in range(2):  # the sync ends the period-2 cycle
         params, opt_state = step(params, opt_state)
@@ -264,7 +267,7 @@ def test_a_new_period_needs_resync_and_resync_fixes_it():
         assert_states_close((params, opt_state), reference, n)
     step.check()
     # Without resync the new period is caught.
-    step = lo.StaticSyncStep(static_train_step(tx))
+    step = lo.experimental.StaticSyncStep(static_train_step(tx))
     params, opt_state = initial_params(), restored
     with pytest.raises(RuntimeError, match="resync"):
         for _ in range(8):
@@ -297,18 +300,19 @@ def test_offloaded_steps_equal_the_in_device_lookahead(name):
     params = initial_params()
     if name == "slow_dtype_f32_of_bf16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    in_device = lo.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1))
-    offloaded = lo.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1), offload=True)
-    history = reference_history(tx, params)
+    in_device = lo.experimental.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1))
+    offloaded = lo.experimental.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1), offload=True)
+    # update_and_apply's cond path: it lands on the slow weights exactly, as these do.
+    history = run_steps(tx, params, num_steps=NUM_STEPS, fused=True)
     a = jax.tree.map(jnp.copy, (params, tx.init(params)))
     b = jax.tree.map(jnp.copy, (params, tx.init(params)))
     for n, want in enumerate(history, start=1):
         a, b = in_device(*a), offloaded(*b)
         # The same executables' arithmetic: equal bit for bit to the in-device two executables,
         assert_states_close(b[0], a[0], n, exact=True)
-        assert_states_close(lo.onload_state(b[1]), a[1], n, exact=True)
-        # and to tx.update up to an ulp.
-        assert_states_close((b[0], lo.onload_state(b[1])), want, n)
+        assert_states_close(lo.experimental.onload_state(b[1]), a[1], n, exact=True)
+        # and to update_and_apply's cond formulation up to an ulp.
+        assert_states_close((b[0], lo.experimental.onload_state(b[1])), want, n)
         assert all(x.sharding.memory_kind == "pinned_host" for x in _host_leaves(b[1]))
     offloaded.check()
 
@@ -318,7 +322,7 @@ def test_offloaded_state_costs_the_device_what_adam_costs():
     inner = optax.adam(0.05)
     tx = lo.lookahead(inner, k=3, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
     params = initial_params()
-    step = lo.StaticSyncStep(static_train_step(tx), offload=True)
+    step = lo.experimental.StaticSyncStep(static_train_step(tx), offload=True)
     opt_state = tx.init(params)
     counters = 3 * 4  # count, syncs, period: int32 scalars
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -348,14 +352,14 @@ def test_offload_state_round_trip_and_errors():
     tx = lo.lookahead(optax.adam(0.05), k=3, outer=optax.sgd(0.5, momentum=0.9))
     params = initial_params()
     opt_state = tx.init(params)
-    host = lo.offload_state(opt_state)
+    host = lo.experimental.offload_state(opt_state)
     assert all(x.sharding.memory_kind == "pinned_host" for x in _host_leaves(host))
     assert host.inner_state[0].mu["w"].sharding.memory_kind == "device"  # the inner state stays
-    back = lo.onload_state(host)
+    back = lo.experimental.onload_state(host)
     assert all(x.sharding.memory_kind == "device" for x in _host_leaves(back))
     assert_states_close(back, opt_state, "round trip", exact=True)
     with pytest.raises(ValueError, match="no LookaheadState"):
-        lo.offload_state(optax.adam(0.1).init(params))
+        lo.experimental.offload_state(optax.adam(0.1).init(params))
 
 
 def test_offload_without_memory_kinds_says_so(monkeypatch):
@@ -363,7 +367,7 @@ def test_offload_without_memory_kinds_says_so(monkeypatch):
     tx = lo.lookahead(optax.sgd(0.1), k=2)
     params = initial_params()
     with pytest.raises(ValueError, match="pinned_host"):
-        lo.offload_state(tx.init(params))
+        lo.experimental.offload_state(tx.init(params))
 
 
 @pytest.mark.parametrize("version", [(0, 8, 3), (0, 10, 1)])
@@ -371,10 +375,10 @@ def test_offload_is_refused_on_cpu_jax_versions_where_it_breaks(monkeypatch, ver
     # Measured with .ci/floors: 0.8.x silently keeps the state on the device, 0.9.0-0.10.1
     # abort the process; both still list a pinned_host memory.
     monkeypatch.setattr(_offload, "_jax_version", lambda: version)
-    assert not lo.memory_kinds_supported(jax.devices("cpu")[0])
+    assert not lo.experimental.memory_kinds_supported(jax.devices("cpu")[0])
     tx = lo.lookahead(optax.sgd(0.1), k=2)
     with pytest.raises(ValueError, match=r"needs jax >= 0\.10\.2"):
-        lo.offload_state(tx.init(initial_params()))
+        lo.experimental.offload_state(tx.init(initial_params()))
 
 
 # ---- benchmarks/device.py ----
@@ -423,7 +427,7 @@ def test_device_benchmark_quick_run(tmp_path):
     assert json.loads(out.read_text())["config"]["quick"] is True
     assert out.with_suffix(".md").read_text().startswith("### ")
     _check_report(report, ["two_executables"])
-    if lo.memory_kinds_supported():
+    if lo.experimental.memory_kinds_supported():
         assert report["link"]["GB_per_s"]["host_to_device"] > 0
         summary = report["offload"]["summary"]
         assert summary["device_state_bytes"] == summary["adam_device_state_bytes"] + 12

@@ -212,7 +212,7 @@ def test_nnx_slow_model_is_pure_and_matches_functional_apply(digits, nnx_run):
     model_before = jax.tree.map(np.array, pure(nnx.state(model)))
     opt_before = jax.tree.map(np.array, pure(nnx.state(optimizer)))
 
-    slow_model = lo.nnx_slow_model(model, optimizer)
+    slow_model = lo.flax.nnx_slow_model(model, optimizer)
     slow_model(test_x * 3.0)  # training mode: updates the slow model's batch stats only
     slow_model.out.kernel[...] = 0.0  # and writing to it never reaches the trained model
 
@@ -223,7 +223,7 @@ def test_nnx_slow_model_is_pure_and_matches_functional_apply(digits, nnx_run):
 
     @nnx.jit
     def evaluate(model, optimizer, x):
-        slow_model = lo.nnx_slow_model(model, optimizer)
+        slow_model = lo.flax.nnx_slow_model(model, optimizer)
         slow_model.eval()
         return slow_model(x)
 
@@ -251,12 +251,12 @@ def test_nnx_update_batch_stats_measures_the_slow_weights(digits, nnx_run):
     """The statistics of the BatchNorm's input at the slow weights, computed by hand
     in float64; the trained model, its optimizer and the argument stay as they were."""
     model, optimizer, _, _, _ = nnx_run
-    slow_model = lo.nnx_slow_model(model, optimizer)
+    slow_model = lo.flax.nnx_slow_model(model, optimizer)
     before = snapshot(model, optimizer, slow_model)
     train_x, _ = digits["train"]
     batches = train_x.reshape(10, 140, 64)  # ten equal batches
 
-    updated = lo.nnx_update_batch_stats(slow_model, batches)
+    updated = lo.flax.nnx_update_batch_stats(slow_model, batches)
 
     assert_snapshots_equal(before, snapshot(model, optimizer, slow_model))
     kernel = np.asarray(slow_model.hidden.kernel[...], np.float64)
@@ -297,7 +297,7 @@ def test_nnx_update_batch_stats_two_norms_dropout_and_stale_statistics():
     xs = np.asarray(jax.random.normal(jax.random.key(1), (6, 16, 5)) * 2.0 + 1.0)
     batches = [(x, np.zeros(len(x), np.int32)) for x in xs]
 
-    updated = lo.nnx_update_batch_stats(model, batches, forward=lambda m, batch: m(batch[0]))
+    updated = lo.flax.nnx_update_batch_stats(model, batches, forward=lambda m, batch: m(batch[0]))
 
     def f64(variable):
         return np.asarray(variable[...], np.float64)
@@ -317,9 +317,9 @@ def test_nnx_update_batch_stats_two_norms_dropout_and_stale_statistics():
     assert updated.first_norm.momentum == 0.8 and updated.dropout.deterministic is False
 
     with pytest.raises(ValueError, match="empty"):
-        lo.nnx_update_batch_stats(model, [])
+        lo.flax.nnx_update_batch_stats(model, [])
     linear = nnx.Linear(2, 1, rngs=nnx.Rngs(0))  # no BatchNorm: a copy, never run
-    copy = lo.nnx_update_batch_stats(linear, [None])
+    copy = lo.flax.nnx_update_batch_stats(linear, [None])
     assert copy is not linear and np.array_equal(copy.kernel[...], linear.kernel[...])
 
 
@@ -327,7 +327,7 @@ def test_nnx_slow_model_needs_a_lookahead_optimizer():
     model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     with pytest.raises(ValueError, match="no LookaheadState"):
-        lo.nnx_slow_model(model, optimizer)
+        lo.flax.nnx_slow_model(model, optimizer)
 
 
 def test_flax_stays_optional():

@@ -207,7 +207,7 @@ def test_flax_train_state_and_nnx_optimizer_with_an_outer_optimizer():
         optimizer.update(model, nnx.grad(loss)(model))
     assert int(state.opt_state.syncs) == 2
     slow_linen = lo.slow_params(state.opt_state, state.params)
-    slow_nnx = lo.nnx_slow_model(model, optimizer)
+    slow_nnx = lo.flax.nnx_slow_model(model, optimizer)
     np.testing.assert_allclose(slow_nnx.kernel[...], slow_linen["kernel"], rtol=1e-6)
     np.testing.assert_allclose(model.kernel[...], state.params["kernel"], rtol=1e-6)
     # Right after the sync at step 4 plus one step: the outer momentum is not zero.
