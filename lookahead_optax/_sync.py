@@ -36,6 +36,7 @@ class Where(NamedTuple):
     workers: int | None
     axis_name: Any
     communication_dtype: Any
+    stats: bool = True  # compute SyncStats at each sync (lookahead's sync_stats)
 
 
 def alpha_step(alpha: jax.Array) -> OuterStep:
@@ -57,13 +58,38 @@ def optax_step(outer: optax.GradientTransformationExtraArgs) -> OuterStep:
     return step
 
 
+def _pseudo_gradient(s: Any, p: Any, u: Any) -> Any:
+    return s - (p.astype(s.dtype) + jnp.asarray(u).astype(s.dtype))
+
+
 def pseudo_gradient(slow: Any, params: Any, inner_updates: Any) -> Any:
     """``phi - (p + u)`` per worker, in the slow dtype; masked where ``slow`` is."""
 
     def one(s: Any, p: Any, u: Any) -> Any:
+        return s if is_masked(s) else _pseudo_gradient(s, p, u)
+
+    return jax.tree.map(one, slow, params, inner_updates, is_leaf=is_masked)
+
+
+def _per_worker(slow: Any, params: Any, inner_updates: Any, where: Where) -> Any:
+    """Each leaf's pseudo-gradients, as the worker mean takes them.
+
+    Where the worker axis lies whole on each device (one device, or a mesh that does not
+    shard it), a list with one entry per worker, each computed from that worker's slice:
+    the mean is then a sum of slices, one elementwise pass that XLA fuses with the inner
+    update's arithmetic and writes straight into the slow weights (pseudo-gradients
+    computed for all workers at once and then sliced read the slow weights through a
+    broadcast, which XLA does not update in place: a copy of every leaf). Elsewhere the
+    stacked pseudo-gradients, whose mean over the axis is the one all-reduce.
+    """
+
+    def one(s: Any, p: Any, u: Any) -> Any:
         if is_masked(s):
             return s
-        return s - (p.astype(s.dtype) + jnp.asarray(u).astype(s.dtype))
+        if where.workers is None or not _workers.worker_axis_is_local(p):
+            return _pseudo_gradient(s, p, u)
+        u = jnp.asarray(u)
+        return [_pseudo_gradient(s, p[w], u[w]) for w in range(where.workers)]
 
     return jax.tree.map(one, slow, params, inner_updates, is_leaf=is_masked)
 
@@ -78,10 +104,12 @@ def sync(
     where: Where,
 ) -> tuple[Any, Any, SyncStats | None]:
     """One sync of the (fragment's) slow weights ``slow``: new slow, outer state and stats."""
-    per_worker = pseudo_gradient(slow, params, inner_updates)
-    delta = jax.tree.map(lambda d: _workers.mean(d, where), per_worker)
-    if stats is not None:
-        stats = _workers.sync_stats(per_worker, delta, stats, where)
+    per_worker = _per_worker(slow, params, inner_updates, where)
+    treedef = jax.tree.structure(slow, is_leaf=is_masked)
+    flat_per_worker = treedef.flatten_up_to(per_worker)
+    delta = treedef.unflatten([_workers.mean(w, where) for w in flat_per_worker])
+    if stats is not None and where.stats:
+        stats = _workers.sync_stats(flat_per_worker, treedef.flatten_up_to(delta), stats, where)
     moves, outer_state = outer_step(delta, outer_state, slow)
     new_slow = jax.tree.map(
         lambda s, v: s if is_masked(s) else s + v.astype(s.dtype), slow, moves, is_leaf=is_masked

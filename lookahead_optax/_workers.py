@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -285,8 +287,31 @@ def first_worker(p: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(first, p, jnp.zeros([], p.dtype)), axis=0, dtype=p.dtype)
 
 
+def worker_axis_is_local(x: jax.Array) -> bool:
+    """Whether the leading (worker) axis of ``x`` lies whole on every device that holds it.
+
+    True on one device and where an Explicit mesh leaves the axis unsharded: slicing it is
+    then local. False on any other mesh (an Auto mesh does not say how it shards the axis
+    while tracing; slicing a sharded axis is an error on Explicit meshes and collective
+    permutes on Auto ones), where the worker reduction must stay a reduction: one all-reduce.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return True
+    explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    return explicit and (not sharding.spec or sharding.spec[0] is None)
+
+
 def mean(delta: Any, where: Any) -> Any:
     """The mean over the workers of the pseudo-gradients: the sync's only communication.
+
+    ``delta`` is one leaf's pseudo-gradients: stacked on a leading worker axis (``workers``;
+    on a mesh that shards the axis the sum is the all-reduce), one worker's (``axis_name``:
+    ``lax.pmean``), or a list with one entry per worker (the axis lies whole on the device:
+    the sum of the entries, one elementwise pass; ``jnp.sum(axis=0)`` is handed by XLA:CPU
+    to a library kernel that neither fuses with the pseudo-gradient's arithmetic nor runs
+    near memory speed).
 
     Each worker's value is rounded to ``communication_dtype`` (the exchanged values), the
     sum accumulates in at least float32 and the mean is rounded once back to it: no fp16
@@ -294,26 +319,35 @@ def mean(delta: Any, where: Any) -> Any:
     pseudo-gradient with a real ``communication_dtype`` travels as its real and imaginary
     parts.
     """
-    if where.workers is None and where.axis_name is None:
+    if isinstance(delta, list):
+        first = delta[0]
+    elif where.workers is None and where.axis_name is None:
         return delta
-    if optax.MaskedNode is type(delta):
-        return delta
-    comm = where.communication_dtype or delta.dtype
-    if jnp.issubdtype(delta.dtype, jnp.complexfloating) and not jnp.issubdtype(
+    else:
+        first = delta
+    if optax.MaskedNode is type(first):
+        return first
+    comm = where.communication_dtype or first.dtype
+    if jnp.issubdtype(first.dtype, jnp.complexfloating) and not jnp.issubdtype(
         comm, jnp.complexfloating
     ):
-        re = mean(jnp.real(delta), where)
-        im = mean(jnp.imag(delta), where)
-        return jax.lax.complex(re, im).astype(delta.dtype)
-    sent = delta.astype(comm)
+        parts = (jnp.real, jnp.imag)
+        if isinstance(delta, list):
+            re, im = (mean([part(x) for x in delta], where) for part in parts)
+        else:
+            re, im = (mean(part(delta), where) for part in parts)
+        return jax.lax.complex(re, im).astype(first.dtype)
     with jax.numpy_dtype_promotion("standard"):
         acc = jnp.result_type(comm, jnp.float32)
-    if where.workers is not None:  # explicit axis 0; sharded over a mesh, an all-reduce
-        total = jnp.sum(sent.astype(acc), axis=0, dtype=acc)
+    if isinstance(delta, list):  # the sum of the workers' slices
+        total = functools.reduce(operator.add, [x.astype(comm).astype(acc) for x in delta])
+        averaged = total / jnp.asarray(len(delta), acc)
+    elif where.workers is not None:  # the axis sharded over a mesh: one all-reduce
+        total = jnp.sum(delta.astype(comm).astype(acc), axis=0, dtype=acc)
         averaged = total / jnp.asarray(where.workers, acc)
     else:  # inside the user's shard_map / pmap / vmap over axis_name
-        averaged = jax.lax.pmean(sent.astype(acc), where.axis_name)
-    return averaged.astype(comm).astype(delta.dtype)
+        averaged = jax.lax.pmean(delta.astype(comm).astype(acc), where.axis_name)
+    return averaged.astype(comm).astype(first.dtype)
 
 
 def initial_stats(params: Any, where: Any) -> SyncStats | None:
@@ -331,15 +365,22 @@ def _squares(x: jax.Array, axes: Any) -> jax.Array:
     return jnp.sum(jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else jnp.square(x), axis=axes)
 
 
-def sync_stats(per_worker: Any, delta: Any, like: SyncStats, where: Any) -> SyncStats:
-    """The norm of Delta and each worker's distance to the mean (complex parts included)."""
-    pairs = [
-        (w, d) for w, d in zip(jax.tree.leaves(per_worker), jax.tree.leaves(delta)) if np.size(d)
-    ]
+def sync_stats(per_worker: list[Any], delta: list[Any], like: SyncStats, where: Any) -> SyncStats:
+    """The norm of Delta and each worker's distance to the mean (complex parts included).
+
+    ``per_worker`` and ``delta``: the leaves, as :func:`mean` took and returned them.
+    """
+    pairs = [(w, d) for w, d in zip(per_worker, delta) if np.size(d)]
     norm = jnp.sqrt(sum((_squares(d, None) for _, d in pairs), jnp.zeros([], jnp.float32)))
+
+    def drift_of(w: Any, d: Any) -> jax.Array:
+        if isinstance(w, list):  # the worker axis whole on the device: one sum per slice
+            return jnp.stack([_squares(x - d, None) for x in w])
+        return _squares(w - d, tuple(range(1, w.ndim)))
+
     if where.workers is not None:  # per worker: a local reduction over its own axes
         zero = jnp.zeros(like.worker_drift.shape, jnp.float32)
-        drift = sum((_squares(w - d, tuple(range(1, w.ndim))) for w, d in pairs), zero)
+        drift = sum((drift_of(w, d) for w, d in pairs), zero)
     else:  # the mean over workers: one scalar all-reduce, and the same on every worker
         drift = sum((_squares(w - d, None) for w, d in pairs), jnp.zeros([], jnp.float32))
         drift = jax.lax.pmean(drift, where.axis_name)

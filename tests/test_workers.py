@@ -219,14 +219,20 @@ def test_a_bf16_communication_dtype_rounds_each_worker_and_accumulates_in_f32():
     accumulation error), one params' worth reduced once per sync.
 
     The f32 reduction is what the lowered program asks for; a narrow wire with f32
-    accumulation needs an all-to-all exchange, not an all-reduce.
+    accumulation needs an all-to-all exchange, not an all-reduce. On a mesh that shards the
+    worker axis (on one device the mean is a sum of the workers' slices).
     """
     params = initial_params()
     num_params = sum(p.size for p in jax.tree.leaves(params))
+    mesh = jax.make_mesh((WORKERS,), ("workers",), axis_types=(AxisType.Explicit,))
     for dtype in (None, jnp.bfloat16):
         tx = lo.lookahead(optax.sgd(0.1), k=K, workers=WORKERS, communication_dtype=dtype)
-        stacked = lo.replicate(params, WORKERS)
-        lowered = jax.jit(tx.update).lower(stacked, tx.init(stacked), stacked).as_text()
+        stacked = jax.device_put(
+            lo.replicate(params, WORKERS), NamedSharding(mesh, PartitionSpec("workers"))
+        )
+        with jax.set_mesh(mesh):
+            state = jax.jit(tx.init)(stacked)
+            lowered = jax.jit(tx.update).lower(stacked, state, stacked).as_text()
         found = re.findall(
             r"stablehlo.reduce\(%\S+ init: %\S+\) applies stablehlo.add across dimensions = "
             r"\[0\] : \(tensor<(\d+)x([0-9x]*?)x?(bf16|f32)>",
