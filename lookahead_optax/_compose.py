@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -33,11 +32,6 @@ def _set_steps_since_sync(opt_state: optax.OptState, counts: list[int]) -> optax
         return state._replace(count=jnp.asarray(next(values), jnp.result_type(count)))
 
     return replace_states(set_count, opt_state)
-
-
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
 
 
 def _ulps(p: Any, s: Any) -> float:
@@ -159,33 +153,14 @@ def check_composition(
     # Every lookahead syncs (its last fragment, with fragments > 1) on the last step of a cycle.
     found = trial([period - 1 for period in periods])
     synced = [dict(leaves) for leaves in found]
-    # With fragments > 1, fragment j syncs at step (j + 1) * period / fragments: the first
-    # sync point is the smallest divisor of the period at which anything syncs, the others
-    # are its multiples. Without fragments the first trial synced every leaf and this stops.
-    for i, period in enumerate(periods):
-        flat = jax.tree.leaves(states[i].slow, is_leaf=is_masked)
-        covered = {
-            j for j, x in enumerate(flat) if not is_masked(x) and is_inexact(x) and np.size(x)
-        }
-        if covered <= set(synced[i]):
-            continue
-        first = None
-        for m in _divisors(period)[:-1]:
+    # With fragments > 1, fragment j syncs at step max(1, (j + 1) period // fragments) of
+    # each cycle (as _steps.fragment_syncs): one trial from each of those steps.
+    for i, (state, period) in enumerate(zip(states, periods)):
+        fragments = int(getattr(state, "fragments", 1))
+        steps = {max(1, (j + 1) * period // fragments) for j in range(fragments - 1)}
+        for step in sorted(steps - {period}):
             counts = [0] * len(periods)
-            counts[i] = m - 1
-            found = trial(counts)
-            for mine, new in zip(synced, found):
-                mine.update(new)
-            if found[i]:
-                first = m
-                break
-        if first is None:
-            continue
-        for m in range(2 * first, period, first):
-            if covered <= set(synced[i]):
-                break
-            counts = [0] * len(periods)
-            counts[i] = m - 1
+            counts[i] = step - 1
             for mine, new in zip(synced, trial(counts)):
                 mine.update(new)
     worst = max((max(leaves.values(), default=0.0) for leaves in synced), default=0.0)

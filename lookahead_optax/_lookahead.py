@@ -265,6 +265,7 @@ def _init(config: _Config, params: optax.Params) -> LookaheadState:
         ),
         outer_state=_pack(outer_states, config),
         sync_stats=_workers.initial_stats(params, where),
+        fragments=config.fragments,
     )
 
 
@@ -327,6 +328,7 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
         adaptive=adaptive_state,
         outer_state=_pack(outer_states, config),
         sync_stats=stats,
+        fragments=config.fragments,
     )
 
 

@@ -46,6 +46,9 @@ class LookaheadState:
         ``None`` with ``alpha``.
       sync_stats: With ``workers`` or ``axis_name``, a :class:`SyncStats` of the
         latest sync (zeros before the first); ``None`` otherwise.
+      fragments: The number of fragments (1 unless ``fragments=``), static
+        metadata: not a leaf, so checkpoints hold the same arrays. Fragment j
+        syncs at step ``max(1, (j + 1) period // fragments)`` of each cycle.
     """
 
     inner_state: optax.OptState
@@ -57,6 +60,7 @@ class LookaheadState:
     adaptive: Any = None  # an AdaptiveAlphaState
     outer_state: optax.OptState = None
     sync_stats: SyncStats | None = None
+    fragments: int = dataclasses.field(default=1, metadata={"static": True})
 
     def _replace(self, **changes: Any) -> LookaheadState:
         """A copy with ``changes`` (as a NamedTuple's ``_replace``)."""

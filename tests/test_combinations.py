@@ -150,6 +150,7 @@ MISMATCHES = {
         {"outer": MOMENTUM, "k": 4, "fragments": 2},
         "fragments=2",
     ),
+    "fragments changed, alpha": ({"k": 4, "fragments": 2}, {"k": 4}, "fragments=2, this .*=1"),
 }
 
 
@@ -537,3 +538,23 @@ def test_resize_workers_with_an_nnx_optimizer():
     for _ in range(2):
         optimizer3.update(resized, nnx.grad(lambda m: m())(resized))
     assert int(optimizer3.opt_state.syncs[...]) == 1
+
+
+@pytest.mark.parametrize("fragments", [1, 2, 3])
+def test_next_call_syncs_is_true_exactly_on_the_calls_that_sync_a_fragment(fragments):
+    """0.3.0 said False on the call where fragment 0 syncs (it knew only count + 1 >= period).
+    Three leaves in three fragments, two in two, one: every call's answer is checked against
+    what the call did to the slow weights (a fragment without leaves syncs nothing)."""
+    params = {"a": jnp.ones(3), "b": jnp.ones(2), "c": jnp.ones(4)}
+    for leaves in (("a", "b", "c"), ("a", "b")):
+        tree = {key: params[key] for key in leaves}
+        tx = lo.lookahead(optax.sgd(0.1), k=6, fragments=fragments)
+        opt_state, said, did = tx.init(tree), [], []
+        for _ in range(13):
+            said.append(lo.next_call_syncs(opt_state))
+            before = jax.tree.leaves(opt_state.slow)
+            _, opt_state = tx.update(tree, opt_state, tree)
+            after = jax.tree.leaves(opt_state.slow)
+            did.append(any(not np.array_equal(x, y) for x, y in zip(before, after)))
+        assert said == did, (leaves, said, did)
+        assert sum(did) >= 2 * min(fragments, len(leaves))
