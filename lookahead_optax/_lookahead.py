@@ -38,6 +38,7 @@ def lookahead(
     axis_name: Any = None,
     communication_dtype: jax.typing.DTypeLike | None = None,
     fragments: int | None = None,
+    sync_stats: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookahead: k fast steps of ``inner``, then one slow step back.
 
@@ -125,6 +126,14 @@ def lookahead(
         contiguous groups that sync in turn, each with its own outer state
         (``k`` a multiple of it). See the docs page "Outer optimizers (SNOO)
         and DiLoCo".
+      sync_stats: With ``workers`` or ``axis_name``, whether each sync
+        computes :class:`lookahead_optax.SyncStats` (the pseudo-gradient norm
+        and each worker's drift; default True). They read every worker's
+        pseudo-gradient once more: on XLA:CPU that keeps the params-sized
+        pseudo-gradients in memory and makes the sync step about 2.5x slower
+        (docs page "Performance"). ``False`` skips them: the state keeps its
+        ``sync_stats`` record (same tree, so checkpoints of either setting
+        restore into the other), filled with NaN.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -183,6 +192,8 @@ def lookahead(
     else:
         _checks.check_outer(outer, alpha, inner_state)
     _checks.check_workers(workers, axis_name, communication_dtype, alpha)
+    if not isinstance(sync_stats, bool):
+        raise ValueError(f"sync_stats must be True or False, got {sync_stats!r}")
     _checks.check_fragments(fragments, k, alpha, inner_state)
     inner = optax.with_extra_args_support(inner)
     config = _Config(
@@ -194,7 +205,10 @@ def lookahead(
         policy=inner_state,
         slow_dtype=slow_dtype,
         where=_sync.Where(
-            None if workers is None else int(workers), axis_name, communication_dtype
+            None if workers is None else int(workers),
+            axis_name,
+            communication_dtype,
+            stats=sync_stats,
         ),
         fragments=1 if fragments is None else int(fragments),
     )
