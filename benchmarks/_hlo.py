@@ -152,3 +152,59 @@ def collective_bytes(hlo: str) -> dict:
         conditionals += [[total(branch) for branch in group] for group in branches(module[name])]
     ops = collections.Counter(op for op, _ in collective_ops(hlo))
     return {"every_step": every_step, "branches": conditionals, "ops": dict(ops)}
+
+
+# One instruction with its result type: "%name = f32[8]{0} fusion(%a, %b), kind=..." (a tuple
+# result type may hold "/*index=5*/" comments).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)", re.M)
+# Instructions that touch memory themselves; the rest (tuple, get-tuple-element, bitcast,
+# parameter, constant) only name buffers.
+_MOVES = ("fusion", "copy", "custom-call", "reduce", "dot", "all-reduce", "all-reduce-start",
+          "convolution", "scatter", "sort", "dynamic-update-slice", "slice",
+          "concatenate")  # fmt: skip
+
+
+def traffic(text: str, min_bytes: int) -> dict[str, int]:
+    """Bytes that the instructions of a computation's text read and write, counting only the
+    operands and results of at least ``min_bytes`` (params-sized arrays, not scalars).
+
+    ``read`` sums each instruction's large operands (an operand read by two instructions
+    counts twice: XLA:CPU streams it from memory each time), ``written`` its large results,
+    ``instructions`` how many such instructions there are. Nested computations (fusion
+    bodies) are not entered: a fusion is one pass over its operands and results.
+    """
+    shapes = {name: result for name, result, _, _ in _INSTRUCTION.findall(text)}
+    read = written = count = 0
+    for _name, result, op, operands in _INSTRUCTION.findall(text):
+        if op not in _MOVES:
+            continue
+        out = shape_bytes(result)
+        ins = [shape_bytes(shapes.get(o.strip().lstrip("%"), "")) for o in operands.split(",")]
+        ins = [b for b in ins if b >= min_bytes]
+        if out < min_bytes and not ins:
+            continue
+        count += 1
+        written += out if out >= min_bytes else 0
+        read += sum(ins)
+    return {"read": read, "written": written, "instructions": count}
+
+
+def sync_branch_traffic(hlo: str, min_bytes: int) -> dict[str, int]:
+    """``traffic`` of the busiest branch of the module's conditionals (the sync branch of a
+    lookahead step) with the branches of the conditionals nested in it; fusion bodies are
+    not entered (each fusion is one pass)."""
+    module = computations(hlo)
+
+    def texts(name: str) -> list[str]:
+        text = module.get(name, "")
+        return [text] + [t for group in branches(text) for b in group for t in texts(b)]
+
+    found = [
+        traffic("\n".join(texts(name)), min_bytes)
+        for group in branches(hlo)
+        for name in group
+        if name in module
+    ]
+    if not found:
+        raise ValueError("no conditional in the HLO text")
+    return max(found, key=lambda t: t["read"] + t["written"])

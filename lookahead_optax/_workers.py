@@ -351,13 +351,15 @@ def mean(delta: Any, where: Any) -> Any:
 
 
 def initial_stats(params: Any, where: Any) -> SyncStats | None:
-    """Zero :class:`SyncStats` (before the first sync), or None without workers."""
+    """Zero :class:`SyncStats` (before the first sync; NaN where they are not computed), or
+    None without workers."""
     if where.workers is None and where.axis_name is None:
         return None
-    drift = jnp.zeros(() if where.workers is None else (where.workers,), jnp.float32)
+    fill = 0.0 if where.stats else float("nan")  # NaN: not computed (sync_stats=False)
+    drift = jnp.full(() if where.workers is None else (where.workers,), fill, jnp.float32)
     if where.workers is not None:
         drift = shard_worker_axis_like(drift, params)
-    return SyncStats(jnp.zeros([], jnp.float32), drift)
+    return SyncStats(jnp.full([], fill, jnp.float32), drift)
 
 
 def _squares(x: jax.Array, axes: Any) -> jax.Array:

@@ -8,12 +8,15 @@ compiled step of ``inner`` alone, params and state donated as in a training loop
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import lookahead_optax as lo
-from benchmarks._hlo import large_copies
+from benchmarks._hlo import large_copies, sync_branch_traffic
 from tests.helpers import (
     LEAF_SIZES,
+    compile_step,
     compiled_step,
     make_params,
     temp_bytes,
@@ -79,3 +82,107 @@ def test_one_compilation_serves_every_step_syncs_included():
         params, opt_state = jitted(params, opt_state, grads)
     assert len(traces) == 1
     assert int(opt_state.syncs) == 3
+
+
+# --- The sync branch: outer optimizers and workers -------------------------------------------
+#
+# XLA:CPU has no multi-output fusion: where two results of the sync (an outer optimizer's new
+# state and the new slow weights) both need the pseudo-gradient Delta, it is written to memory
+# once, one slow-weights-sized buffer; without such a pair (alpha, an outer SGD, heavy ball)
+# the sync needs none. The passes are counted in the compiled sync branch: the bytes its
+# instructions read and write, in units of the params' bytes (docs/performance.md).
+
+WORKERS = 4
+NESTEROV = lambda: optax.sgd(0.7, momentum=0.9, nesterov=True)  # noqa: E731
+OUTERS = {
+    "alpha": dict(),
+    "heavy_ball": dict(outer=lambda: optax.sgd(0.7, momentum=0.9)),
+    "nesterov": dict(outer=NESTEROV),
+    "adam": dict(outer=lambda: optax.adam(0.1)),
+}
+# (temp in units of the slow weights' bytes, sync branch (read, written) in units of the
+# params' bytes) with inner Adam; None: not counted (no conditional).
+SINGLE = {
+    "alpha": (0.0, (5.0, 1.0)),  # phi, p, g, m, v read once; phi written once
+    "heavy_ball": (0.0, (7.0, 2.0)),  # + the momentum read and written, phi and b read again
+    "nesterov": (1.0, (10.0, 3.0)),  # + Delta written once and read twice
+    "adam": (1.0, (14.0, 4.0)),  # + two moments; Delta written once, read twice
+}
+# Workers on one device (the worker axis whole on it), statistics off: every worker's
+# p, g, m, v read once (4 params' worth), the slow weights (1/WORKERS of it) read and written.
+WORKERS_SINGLE = {
+    "alpha": (0.0, (4.25, 0.25)),
+    # Nesterov: XLA keeps the inner update (params-sized) rather than Delta: 4x Delta's bytes.
+    "nesterov": (WORKERS, (8.0, 1.5)),
+}
+
+
+def _sync_step(outer_name, workers=None, sync_stats=True):
+    """The compiled step of lookahead(adam) with k=1 (every call syncs, the cond traced)."""
+    kwargs = {name: make() if callable(make) else make for name, make in OUTERS[outer_name].items()}
+    if workers:
+        kwargs.update(workers=workers, sync_stats=sync_stats)
+    params = make_params()
+    if workers:
+        params = lo.replicate(params, workers)
+    tx = lo.lookahead(INNERS["adam"](), k=1, **kwargs)
+    return compile_step(tx, params), params
+
+
+def _sync_figures(outer_name, workers=None, sync_stats=True):
+    compiled, params = _sync_step(outer_name, workers, sync_stats)
+    hlo = compiled.as_text()
+    slow_bytes = tree_bytes(make_params())
+    smallest = min(LEAF_SIZES.values()) * 4
+    traffic = sync_branch_traffic(hlo, smallest)
+    params_bytes = tree_bytes(params)
+    temp = compiled.memory_analysis().temp_size_in_bytes / slow_bytes
+    return temp, (traffic["read"] / params_bytes, traffic["written"] / params_bytes)
+
+
+@pytest.mark.parametrize("outer_name", sorted(SINGLE))
+def test_the_sync_branch_moves_the_counted_bytes_and_holds_at_most_delta(outer_name):
+    temp, (read, written) = _sync_figures(outer_name)
+    expected_temp, (expected_read, expected_written) = SINGLE[outer_name]
+    assert temp <= expected_temp + 0.01
+    assert (read, written) == pytest.approx((expected_read, expected_written), abs=0.01)
+
+
+@pytest.mark.parametrize("outer_name", sorted(WORKERS_SINGLE))
+def test_workers_on_one_device_sync_in_one_pass_over_their_state(outer_name):
+    temp, (read, written) = _sync_figures(outer_name, WORKERS, sync_stats=False)
+    expected_temp, (expected_read, expected_written) = WORKERS_SINGLE[outer_name]
+    assert temp <= expected_temp + 0.01
+    assert (read, written) == pytest.approx((expected_read, expected_written), abs=0.01)
+
+
+def test_workers_alpha_without_statistics_needs_no_temp_memory():
+    """The goal's bound: compiled temp under 1% of the (all workers') params."""
+    compiled, params = _sync_step("alpha", WORKERS, sync_stats=False)
+    assert compiled.memory_analysis().temp_size_in_bytes <= 0.01 * tree_bytes(params)
+
+
+def test_workers_statistics_cost_passes_and_skipping_them_changes_no_weight():
+    """Statistics read every worker's pseudo-gradient once more; sync_stats=False skips that
+    (NaN in the state) and the weights, outer state and counters come out the same (up to an
+    ulp: XLA:CPU may contract a multiply-add into an FMA in one fusion and not another)."""
+    _, with_stats = _sync_figures("nesterov", WORKERS, sync_stats=True)
+    _, without = _sync_figures("nesterov", WORKERS, sync_stats=False)
+    assert with_stats[0] >= without[0] + 1.0  # at least one more read of every worker's state
+
+    params = lo.replicate(make_params(), WORKERS)
+    grads = jax.tree.map(lambda p: p * jnp.arange(1.0, WORKERS + 1.0)[:, None], params)
+    runs = {}
+    for sync_stats in (True, False):
+        tx = lo.lookahead(INNERS["adam"](), k=2, outer=NESTEROV(), workers=WORKERS,
+                          sync_stats=sync_stats)  # fmt: skip
+        p, state = params, tx.init(params)
+        for _ in range(5):
+            p, state = jax.jit(two_call_step, static_argnums=3)(p, state, grads, tx)
+        runs[sync_stats] = (p, state)
+    (p_on, s_on), (p_off, s_off) = runs[True], runs[False]
+    for a, b in zip(jax.tree.leaves((p_on, s_on._replace(sync_stats=None))),
+                    jax.tree.leaves((p_off, s_off._replace(sync_stats=None)))):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    assert np.all(np.isfinite(jax.tree.leaves(s_on.sync_stats)[1]))
+    assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(s_off.sync_stats))
