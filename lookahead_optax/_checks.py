@@ -233,10 +233,10 @@ def _option_mismatch(state: LookaheadState, config: Any) -> str:
             if state.adaptive is not None
             else "this lookahead has alpha=adaptive_alpha(...), the state was made without it"
         )
-    made = int(getattr(state, "fragments", 1))
-    if made != int(config.fragments):
+    made_fragments = int(getattr(state, "fragments", 1))
+    if made_fragments != int(config.fragments):
         return (
-            f"the state was made with fragments={made}, this lookahead has "
+            f"the state was made with fragments={made_fragments}, this lookahead has "
             f"fragments={int(config.fragments)}"
         )
     if config.outer is None:

@@ -219,10 +219,11 @@ def _probe(tx, grads, opt_state, params, **extra_args) -> SyncHint:
     path is open, else ``refused`` may say why (None: no lookahead reached it)."""
     tx = optax.with_extra_args_support(tx)
     states = find_states(opt_state)
-    hint = SyncHint(states[0].count if len(states) == 1 else None, True)
     if len(states) != 1:
+        hint = SyncHint(jnp.zeros([], jnp.int32), True)  # for no state: never taken
         hint.refused = f"tx's state holds {len(states)} (outermost) lookahead states, not one"
         return hint
+    hint = SyncHint(states[0].count, True)
     jax.eval_shape(lambda: tx.update(grads, opt_state, params, **extra_args, **{HINT_KEY: hint}))
     return hint
 
@@ -281,7 +282,7 @@ def next_call_syncs(opt_state: optax.OptState) -> bool:
     state = _the_state(opt_state, "opt_state")
     count, period = jax.device_get((state.count, state.period))
     fragments = int(getattr(state, "fragments", 1))
-    syncs = fragment_syncs(int(count) + 1, int(period), fragments)
+    syncs = fragment_syncs(jnp.asarray(int(count) + 1), jnp.asarray(int(period)), fragments)
     parts = fragment_trees(state.slow, fragments)  # an empty fragment's sync moves nothing
     return any(bool(s) and not is_empty(part) for s, part in zip(syncs, parts))
 
