@@ -108,7 +108,7 @@ class NesterovSGD:
         self.lr, self.momentum = lr, momentum
 
     def init(self, params: Leaves):
-        return [np.zeros_like(np.asarray(p, np.float64)) for p in params]
+        return [np.zeros(np.shape(p), np.result_type(p, np.float64)) for p in params]
 
     def step(self, grads: Leaves, state, params: Leaves):
         buffers = [self.momentum * b + g for b, g in zip(state, grads)]
