@@ -325,7 +325,8 @@ def check_workers(workers: Any, axis_name: Any, communication_dtype: Any, alpha:
     if (workers is not None or axis_name is not None) and isinstance(alpha, AdaptiveAlpha):
         raise ValueError("adaptive_alpha does not support workers or axis_name; pass a number")
     if communication_dtype is not None:
-        check_slow_dtype(communication_dtype, "communication_dtype")
+        if not is_quantized(communication_dtype):  # int8 / fp8: the quantized exchange
+            check_slow_dtype(communication_dtype, "communication_dtype")
         if workers is None and axis_name is None:
             raise ValueError("communication_dtype needs workers=N or axis_name")
 
@@ -421,3 +422,104 @@ def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None
                 f"{name}{path} has shape {got}, expected {want} "
                 f"({len(mismatched)} leaf/leaves differ)"
             )
+
+
+QUANTIZED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
+
+
+def is_quantized(dtype: Any) -> bool:
+    """int8 or fp8: exchanged as quantized blocks with scales (``_comm``), not by a mean."""
+    if dtype is None or isinstance(dtype, (jax.Array, np.ndarray)) or is_traced(dtype):
+        return False
+    try:
+        return jnp.dtype(dtype).name in QUANTIZED_DTYPES
+    except TypeError:
+        return False
+
+
+def check_overlap(overlap: Any, mixing: Any, k: Any, fragments: int | None) -> None:
+    """``overlap`` (tau) in [0, k / fragments) and ``mixing`` (a) in [0, 1], both static."""
+    parts = 1 if fragments is None else int(fragments)
+    if overlap is not None:
+        _check_static("overlap", overlap)
+        is_int = isinstance(overlap, numbers.Integral) and not isinstance(overlap, (bool, np.bool_))
+        if not is_int or int(overlap) < 0:
+            raise ValueError(
+                f"overlap must be an int in [0, k / fragments) (the steps a fragment's "
+                f"average travels), got {overlap!r}"
+            )
+        if int(overlap) > 0:
+            if is_traced(k) or isinstance(k, jax.Array):
+                raise ValueError(
+                    "overlap > 0 needs k to be a Python int (the step at which a fragment's "
+                    "pseudo-gradient is sent is fixed); under optax.inject_hyperparams pass "
+                    "static_args=('k',)"
+                )
+            if int(overlap) >= int(k) // parts:
+                raise ValueError(
+                    f"overlap must be in [0, k / fragments) = [0, {int(k) // parts}): a "
+                    f"fragment's average must land before its next pseudo-gradient is taken; "
+                    f"got overlap={overlap!r} with k={k!r}, fragments={parts}"
+                )
+    if mixing is not None:
+        _check_static("mixing", mixing)
+        if not _is_real_scalar(mixing) or not 0.0 <= float(mixing) <= 1.0:
+            raise ValueError(
+                f"mixing must be a number in [0, 1] (theta <- phi + mixing (theta_local - phi) "
+                f"at a sync; 0 lands on the slow weights), got {mixing!r}"
+            )
+
+
+def check_quantized(
+    communication_dtype: Any,
+    block: Any,
+    error_feedback: Any,
+    workers: Any,
+    axis_name: Any,
+) -> None:
+    """int8/fp8 exchange: needs workers or axis_name; ``communication_block`` a positive int;
+    ``error_feedback`` a bool, only with a quantized ``communication_dtype``."""
+    quantized = is_quantized(communication_dtype)
+    if block is not None:
+        _check_static("communication_block", block)
+        is_int = isinstance(block, numbers.Integral) and not isinstance(block, (bool, np.bool_))
+        if not is_int or int(block) < 1:
+            raise ValueError(
+                f"communication_block must be a positive int (values per scale in the "
+                f"quantized exchange), got {block!r}"
+            )
+        if not quantized:
+            raise ValueError(
+                "communication_block is the block size of a quantized exchange: it needs "
+                f"communication_dtype=jnp.int8 or a float8 dtype, got {communication_dtype!r}"
+            )
+    if error_feedback is not None and not isinstance(error_feedback, (bool, np.bool_)):
+        raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+    if error_feedback and not quantized:
+        raise ValueError(
+            "error_feedback=True keeps the quantization residual of a quantized exchange: it "
+            "needs communication_dtype=jnp.int8 or a float8 dtype (jnp.float8_e4m3fn, "
+            f"jnp.float8_e5m2), got communication_dtype={communication_dtype!r}"
+        )
+    if quantized and workers is None and axis_name is None:
+        raise ValueError("a quantized communication_dtype needs workers=N or axis_name")
+
+
+def check_quantized_params(params: Any, communication_dtype: Any) -> None:
+    """A quantized exchange averages floating params only: integer leaves (not synced) are
+    fine, but every leaf being an integer one leaves nothing to quantize; complex leaves
+    are refused (no complex int8/fp8)."""
+    if not is_quantized(communication_dtype):
+        return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise ValueError(
+                f"communication_dtype={jnp.dtype(communication_dtype).name} quantizes real "
+                f"pseudo-gradients: params{jax.tree_util.keystr(path)} is complex "
+                f"({leaf.dtype}); use a floating communication_dtype"
+            )
+    if not any(is_inexact(leaf) for leaf in jax.tree.leaves(params)):
+        raise ValueError(
+            f"communication_dtype={jnp.dtype(communication_dtype).name} quantizes floating "
+            "pseudo-gradients, and params has no floating leaf (integer params never sync)"
+        )

@@ -17,10 +17,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax import _checks, _policies, _steps, _sync, _workers
+from lookahead_optax import _checks, _comm, _policies, _steps, _sync, _workers
 from lookahead_optax._adaptive import AdaptiveAlpha
 from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint
-from lookahead_optax._tree import fragment_trees, is_inexact, is_masked, slow_dtype_for
+from lookahead_optax._tree import (
+    floats_only,
+    fragment_trees,
+    is_inexact,
+    is_masked,
+    slow_dtype_for,
+)
 
 InnerStatePolicy = Literal["keep", "reset", "pullback"]
 AlphaLike = float | jax.Array | Callable[[jax.Array], jax.Array] | AdaptiveAlpha
@@ -38,6 +44,10 @@ def lookahead(
     axis_name: Any = None,
     communication_dtype: jax.typing.DTypeLike | None = None,
     fragments: int | None = None,
+    overlap: int | None = None,
+    mixing: float | None = None,
+    communication_block: int | None = None,
+    error_feedback: bool | None = None,
     sync_stats: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookahead: k fast steps of ``inner``, then one slow step back.
@@ -126,6 +136,29 @@ def lookahead(
         contiguous groups that sync in turn, each with its own outer state
         (``k`` a multiple of it). See the docs page "Outer optimizers (SNOO)
         and DiLoCo".
+      overlap: Streaming DiLoCo's overlapped communication (torchft's
+        ``fragment_sync_delay``), an int in [0, k / fragments): each fragment's
+        pseudo-gradient is taken ``overlap`` steps before its sync, from the
+        params the call receives (the fast weights after step ``s - overlap``),
+        and its average is kept in ``LookaheadState.in_flight`` (one slow-sized
+        buffer) until the sync applies it. No step in between reads it, so the
+        collective can run beside them. 0 or None (default): taken at the sync.
+        Needs a Python int ``k``.
+      mixing: torchft's ``fragment_update_alpha``, in [0, 1]: at a sync each
+        worker's params land on ``phi + mixing (theta - phi)`` (``phi`` the new
+        slow weights, ``theta`` its fast weights of that step) instead of on
+        ``phi``. 0 or None (default) lands on ``phi``; 1 leaves the fast weights.
+      communication_block: With ``communication_dtype=jnp.int8`` (or a float8
+        dtype such as ``jnp.float8_e4m3fn``), the number of values that share
+        one float32 scale (default 256). A quantized ``communication_dtype``
+        exchanges the pseudo-gradients as blocks of that type: an all-to-all of
+        quantized chunks, a float32 sum of each chunk on its worker,
+        requantized, then an all-gather (the wire carries one byte per value
+        plus the scales). Needs ``workers`` or ``axis_name``.
+      error_feedback: With a quantized ``communication_dtype``: each worker
+        keeps what quantizing its pseudo-gradient lost and adds it to its next
+        one. Costs one params-sized float32 buffer per worker
+        (``LookaheadState.residual``). Default None: off.
       sync_stats: With ``workers`` or ``axis_name``, whether each sync
         computes :class:`lookahead_optax.SyncStats` (the pseudo-gradient norm
         and each worker's drift; default True). They read every worker's
@@ -195,6 +228,10 @@ def lookahead(
     if not isinstance(sync_stats, bool):
         raise ValueError(f"sync_stats must be True or False, got {sync_stats!r}")
     _checks.check_fragments(fragments, k, alpha, inner_state)
+    _checks.check_overlap(overlap, mixing, k, fragments)
+    _checks.check_quantized(
+        communication_dtype, communication_block, error_feedback, workers, axis_name
+    )
     inner = optax.with_extra_args_support(inner)
     config = _Config(
         inner=inner,
@@ -208,9 +245,13 @@ def lookahead(
             None if workers is None else int(workers),
             axis_name,
             communication_dtype,
+            block=256 if communication_block is None else int(communication_block),
             stats=sync_stats,
         ),
         fragments=1 if fragments is None else int(fragments),
+        overlap=int(overlap or 0),
+        mixing=float(mixing or 0.0),
+        error_feedback=bool(error_feedback),
     )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -219,6 +260,13 @@ def lookahead(
         hint = extra_args.pop(HINT_KEY, None)  # never forwarded to the inner optimizer
         # update_and_apply may have decided this call's sync (note 5); None: decide here.
         sync = hint.take(state.count, config.fragments) if isinstance(hint, SyncHint) else None
+        if config.overlap and isinstance(hint, SyncHint) and hint.taken:
+            hint.taken, sync = False, None
+            hint.refused = (
+                f"the lookahead has overlap={config.overlap}: a pseudo-gradient is sent and "
+                "applied on different steps (as fragments > 1 sync on different steps), so "
+                "there is no single sync decision to take"
+            )
         return _update(config, updates, state, params, sync, extra_args)
 
     return optax.GradientTransformationExtraArgs(lambda params: _init(config, params), update_fn)
@@ -236,11 +284,15 @@ class _Config(NamedTuple):
     slow_dtype: Any
     where: _sync.Where
     fragments: int
+    overlap: int = 0  # tau: steps a fragment's average travels (_steps.run_overlapped)
+    mixing: float = 0.0  # a: a sync lands on phi + a (theta - phi)
+    error_feedback: bool = False  # quantization residuals in the state (_comm)
 
 
 def _init(config: _Config, params: optax.Params) -> LookaheadState:
     where = config.where
     _checks.check_worker_axes(params, where.workers)  # before vmap's own rank error
+    _checks.check_quantized_params(params, where.communication_dtype)
 
     def copy(p):
         # A real copy (not an alias of params), so params and state can both be donated.
@@ -279,6 +331,16 @@ def _init(config: _Config, params: optax.Params) -> LookaheadState:
         ),
         outer_state=_pack(outer_states, config),
         sync_stats=_workers.initial_stats(params, where),
+        in_flight=(
+            jax.tree.map(
+                lambda s: s if is_masked(s) else jnp.zeros_like(s),
+                floats_only(slow),
+                is_leaf=is_masked,
+            )
+            if config.overlap
+            else None
+        ),
+        residual=_comm.residual_init(params, slow) if config.error_feedback else None,
         fragments=config.fragments,
     )
 
@@ -317,17 +379,21 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
         _sync.alpha_step(step_alpha) if config.outer is None else _sync.optax_step(config.outer)
     )
     parts = fragment_trees(state.slow, config.fragments)
-
-    def sync_part(j, inner_updates, outer_state, stats):
-        return _sync.sync(
-            parts[j], outer_state, stats, params, inner_updates, outer_step, config.where
+    in_flight, residual = state.in_flight, state.residual
+    if config.overlap:
+        new_parts, outer_states, stats, in_flight, residual = _overlapped(
+            config, state, parts, params, outer_step, syncs
         )
-
-    new_parts, outer_states, stats, (inner_updates, new_inner_state) = _steps.run(
-        syncs, parts, _unpack(state.outer_state, config), state.sync_stats, sync_part,
-        inner_step, state.inner_state, inner_result,
-    )  # fmt: skip
-    new_slow, new_updates = _land(state.slow, new_parts, syncs, params, inner_updates)
+        inner_updates, new_inner_state = (
+            inner_step(state.inner_state) if inner_result is None else inner_result
+        )
+    else:
+        new_parts, outer_states, stats, residual, (inner_updates, new_inner_state) = _synced(
+            config, state, parts, params, outer_step, syncs, inner_step, inner_result
+        )
+    new_slow, new_updates = _land(
+        state.slow, new_parts, syncs, params, inner_updates, config.mixing
+    )
     new_inner_state, cycle_start = _policies.at_sync(
         config.policy, config.inner, config.stepper.init, wrap, new_inner_state,
         state.cycle_start, new_slow, params, step_alpha,
@@ -342,6 +408,8 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
         adaptive=adaptive_state,
         outer_state=_pack(outer_states, config),
         sync_stats=stats,
+        in_flight=in_flight,
+        residual=residual,
         fragments=config.fragments,
     )
 
@@ -360,7 +428,7 @@ def _step_alpha(config, state, wrap, updates, params, inner_result):
     return jnp.asarray(alpha), state.adaptive
 
 
-def _land(slow, new_parts, syncs, params, inner_updates):
+def _land(slow, new_parts, syncs, params, inner_updates, mixing=0.0):
     """The new slow weights (each leaf from its fragment) and the returned updates (note 2)."""
     flat_slow, treedef = jax.tree.flatten(slow, is_leaf=is_masked)
     flat_parts = [treedef.flatten_up_to(part) for part in new_parts]
@@ -372,7 +440,76 @@ def _land(slow, new_parts, syncs, params, inner_updates):
     flat_params = treedef.flatten_up_to(params)
     flat_updates = treedef.flatten_up_to(inner_updates)
     new_updates = [
-        _sync.update_onto_slow(s, p, u, flag)
+        _sync.update_onto_mix(s, p, u, flag, mixing)
+        if mixing
+        else _sync.update_onto_slow(s, p, u, flag)
         for s, p, u, flag in zip(new_slow, flat_params, flat_updates, flags)
     ]
     return treedef.unflatten(new_slow), treedef.unflatten(new_updates)
+
+
+def _synced(config, state, parts, params, outer_step, syncs, inner_step, inner_result):
+    """The syncs without overlap (``_steps.run``); with error feedback each fragment's
+    residual travels through the cond beside its outer state."""
+    outer_in = _unpack(state.outer_state, config)
+    feedback = config.error_feedback
+    if feedback:
+        outer_in = [(o, _select(part, state.residual)) for o, part in zip(outer_in, parts)]
+
+    def sync_part(j, inner_updates, outer_state, stats):
+        if not feedback:
+            return _sync.sync(
+                parts[j], outer_state, stats, params, inner_updates, outer_step, config.where
+            )
+        outer_state, res = outer_state
+        delta, stats, res = _sync.average(parts[j], stats, params, inner_updates, config.where, res)
+        new_part, outer_state = _sync.apply_outer(parts[j], delta, outer_state, outer_step)
+        return new_part, (outer_state, res), stats
+
+    new_parts, outer_out, stats, inner = _steps.run(
+        syncs, parts, outer_in, state.sync_stats, sync_part, inner_step, state.inner_state,
+        inner_result,
+    )  # fmt: skip
+    residual = state.residual
+    if feedback:
+        residual = _merge(residual, [res for _, res in outer_out])
+        outer_out = [o for o, _ in outer_out]
+    return new_parts, outer_out, stats, residual, inner
+
+
+def _overlapped(config, state, parts, params, outer_step, syncs):
+    """The sends and syncs of ``overlap > 0`` (``_steps.run_overlapped``)."""
+    sends = _steps.fragment_sends(state.count, state.period, config.fragments, config.overlap)
+    feedback = config.error_feedback
+    zeros = jax.tree.map(jnp.zeros_like, params)  # Delta = phi - p: the params are theta
+
+    def send_part(j, stats, res):
+        return _sync.average(parts[j], stats, params, zeros, config.where, res)
+
+    def apply_part(j, average, outer_state):
+        return _sync.apply_outer(parts[j], average, outer_state, outer_step)
+
+    flights = [_select(part, state.in_flight) for part in parts]
+    residuals = [_select(part, state.residual) if feedback else None for part in parts]
+    new_parts, outer_out, flights, stats, residuals = _steps.run_overlapped(
+        sends, syncs, parts, flights, _unpack(state.outer_state, config), state.sync_stats,
+        residuals, send_part, apply_part,
+    )  # fmt: skip
+    residual = _merge(state.residual, residuals) if feedback else state.residual
+    return new_parts, outer_out, stats, _merge(state.in_flight, flights), residual
+
+
+def _select(part, tree):
+    """``tree``'s entries where the fragment ``part`` has leaves, masked elsewhere."""
+    return jax.tree.map(lambda s, x: s if is_masked(s) else x, part, tree, is_leaf=is_masked)
+
+
+def _merge(tree, parts):
+    """``tree`` with each leaf taken from the fragment that owns it (kept where none does)."""
+    flat, treedef = jax.tree.flatten(tree, is_leaf=is_masked)
+    flat_parts = [treedef.flatten_up_to(part) for part in parts]
+    out = []
+    for i, old in enumerate(flat):
+        owners = [p[i] for p in flat_parts if not is_masked(p[i])]
+        out.append(owners[0] if owners else old)
+    return treedef.unflatten(out)

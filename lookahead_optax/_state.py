@@ -14,7 +14,6 @@ from jax import Array
 # and ``count`` would collide with the inner optimizer's (``optax.tree.get(opt_state,
 # "count")`` must find Adam's). The key paths (``.count``, ``.slow``, ...) are a
 # NamedTuple's, so Orbax checkpoints of 0.3.0 states restore unchanged.
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LookaheadState:
     """State of :func:`lookahead_optax.lookahead`.
@@ -46,6 +45,15 @@ class LookaheadState:
         ``None`` with ``alpha``.
       sync_stats: With ``workers`` or ``axis_name``, a :class:`SyncStats` of the
         latest sync (zeros before the first); ``None`` otherwise.
+      in_flight: With ``overlap > 0``, the averaged pseudo-gradient in flight: a
+        pytree like ``slow`` (slow dtype; the entries of fragments not in flight
+        hold their last average), sent ``overlap`` steps before its fragment's
+        sync and consumed by it. ``None`` otherwise (the checkpoint tree of a
+        run without overlap is unchanged).
+      residual: With ``error_feedback=True``, each worker's quantization
+        residual: a pytree like params (one params-sized float32 buffer per
+        worker, with the worker axis under ``workers=N``), added to its next
+        pseudo-gradient before quantizing. ``None`` otherwise.
       fragments: The number of fragments (1 unless ``fragments=``), static
         metadata: not a leaf, so checkpoints hold the same arrays. Fragment j
         syncs at step ``max(1, (j + 1) period // fragments)`` of each cycle.
@@ -60,11 +68,48 @@ class LookaheadState:
     adaptive: Any = None  # an AdaptiveAlphaState
     outer_state: optax.OptState = None
     sync_stats: SyncStats | None = None
+    in_flight: optax.Params = None
+    residual: optax.Params = None
     fragments: int = dataclasses.field(default=1, metadata={"static": True})
 
     def _replace(self, **changes: Any) -> LookaheadState:
         """A copy with ``changes`` (as a NamedTuple's ``_replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+# Registered as a dataclass would be (children keyed by field name, static fields in the
+# treedef), except that the fields of features added after 0.3.0 (``in_flight``,
+# ``residual``) are children only when set: a None child is still a node of the tree, and
+# Orbax refuses to restore a 0.3.0 checkpoint into a tree that has nodes it lacks.
+_OPTIONAL = ("in_flight", "residual")
+
+
+def _state_fields() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    fields = dataclasses.fields(LookaheadState)
+    static = tuple(f.name for f in fields if f.metadata.get("static"))
+    data = tuple(f.name for f in fields if f.name not in static and f.name not in _OPTIONAL)
+    return data, static
+
+
+def _flatten_with_keys(state: LookaheadState) -> tuple[list, tuple]:
+    data, static = _state_fields()
+    names = data + tuple(n for n in _OPTIONAL if getattr(state, n) is not None)
+    children = [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names]
+    return children, (names, tuple(getattr(state, n) for n in static))
+
+
+def _unflatten(aux: tuple, children: Any) -> LookaheadState:
+    names, static_values = aux
+    static = _state_fields()[1]
+    return LookaheadState(**dict(zip(names, children)), **dict(zip(static, static_values)))
+
+
+jax.tree_util.register_pytree_with_keys(
+    LookaheadState,
+    _flatten_with_keys,
+    _unflatten,
+    lambda state: ([c for _, c in _flatten_with_keys(state)[0]], _flatten_with_keys(state)[1]),
+)
 
 
 class SyncStats(NamedTuple):

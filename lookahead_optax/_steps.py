@@ -95,3 +95,61 @@ def run(
         gate = jnp.logical_and.reduce(jnp.stack(gates)) if gates else jnp.array(True)
         inner_result = inner_step(jax.tree.map(lambda s: gated(s, gate), inner_state))
     return new_parts, new_outer, stats, inner_result
+
+
+def fragment_sends(count: jax.Array, period: jax.Array, fragments: int, overlap: int) -> list:
+    """With ``overlap`` (tau > 0): whether each fragment's pseudo-gradient is sent on this call.
+
+    ``count`` is the state's (steps taken this cycle). Fragment j syncs at step
+    ``s_j = max(1, (j + 1) period // fragments)``; its pseudo-gradient is that of the fast
+    weights after step ``s_j - overlap``, which are the params this call receives when
+    ``count == s_j - overlap``. Taking them from the params (not from this call's inner
+    update) means the send reads only the call's inputs: nothing of the call's own inner
+    step waits for it, and the collective can run beside the caller's forward and backward
+    passes (``overlap == 1``) or the steps in between.
+    """
+    syncs_at = [jnp.maximum(1, (j + 1) * period // fragments) for j in range(fragments - 1)]
+    return [count == at - overlap for at in [*syncs_at, period]]
+
+
+def run_overlapped(
+    sends: Sequence[jax.Array],
+    syncs: Sequence[jax.Array],
+    parts: Sequence[Any],
+    in_flight: list[Any],
+    outer_states: Sequence[Any],
+    stats: Any,
+    residuals: list[Any],
+    send_part: Callable[..., tuple[Any, Any, Any]],
+    apply_part: Callable[..., tuple[Any, Any]],
+) -> tuple[list[Any], list[Any], list[Any], Any, list[Any]]:
+    """The sends and syncs of an overlapped lookahead (``overlap > 0``), one cond each.
+
+    A send (``send_part(j, stats, residual) -> (average, stats, residual)``) reads the
+    params and slow weights only; a sync (``apply_part(j, average, outer_state) -> (slow
+    part, outer_state)``) reads the average in flight and the outer state only. Neither
+    recomputes nor gates the inner step (notes 1 and 3 do not apply): the inner step runs
+    once, outside, and no cond's result feeds it. Sends come first: with ``overlap == 1``
+    a fragment is sent and synced on the same call.
+    Returns the new parts, outer states, averages in flight, stats and residuals.
+    """
+    new_parts, new_outer = list(parts), list(outer_states)
+    in_flight, residuals = list(in_flight), list(residuals)
+    for j, part in enumerate(parts):
+        if is_empty(part):
+            continue
+        kept = (in_flight[j], stats, residuals[j])
+        in_flight[j], stats, residuals[j] = jax.lax.cond(
+            sends[j],
+            lambda j=j, stats=stats: send_part(j, stats, residuals[j]),
+            lambda kept=kept: kept,
+        )
+    for j, part in enumerate(parts):
+        if is_empty(part):
+            continue
+        new_parts[j], new_outer[j] = jax.lax.cond(
+            syncs[j],
+            lambda j=j: apply_part(j, in_flight[j], outer_states[j]),
+            lambda j=j: (parts[j], outer_states[j]),
+        )
+    return new_parts, new_outer, in_flight, stats, residuals

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax import _workers
+from lookahead_optax import _comm, _workers
 from lookahead_optax._state import SyncStats
 from lookahead_optax._tree import is_inexact, is_masked, match_types, promote
 
@@ -37,6 +37,7 @@ class Where(NamedTuple):
     axis_name: Any
     communication_dtype: Any
     stats: bool = True  # compute SyncStats at each sync (lookahead's sync_stats)
+    block: int = 256  # values per scale of a quantized (int8/fp8) exchange (_comm)
 
 
 def alpha_step(alpha: jax.Array) -> OuterStep:
@@ -104,17 +105,47 @@ def sync(
     where: Where,
 ) -> tuple[Any, Any, SyncStats | None]:
     """One sync of the (fragment's) slow weights ``slow``: new slow, outer state and stats."""
+    delta, stats, _ = average(slow, stats, params, inner_updates, where)
+    new_slow, outer_state = apply_outer(slow, delta, outer_state, outer_step)
+    return new_slow, outer_state, stats
+
+
+def average(
+    slow: Any,
+    stats: SyncStats | None,
+    params: Any,
+    inner_updates: Any,
+    where: Where,
+    residual: Any = None,
+) -> tuple[Any, SyncStats | None, Any]:
+    """The workers' averaged pseudo-gradient of the fragment ``slow``: the communication.
+
+    A quantized ``communication_dtype`` (int8, fp8) takes ``_comm.quantized_mean``; with
+    ``residual`` (error feedback: one entry per leaf of ``slow``, per worker) it is added
+    to each worker's pseudo-gradient first and the new residual returned (else None).
+    """
     per_worker = _per_worker(slow, params, inner_updates, where)
     treedef = jax.tree.structure(slow, is_leaf=is_masked)
     flat_per_worker = treedef.flatten_up_to(per_worker)
-    delta = treedef.unflatten([_workers.mean(w, where) for w in flat_per_worker])
+    if _comm.is_quantized(where.communication_dtype):
+        flat_residual = None if residual is None else treedef.flatten_up_to(residual)
+        flat_delta, flat_residual = _comm.quantized_mean(flat_per_worker, where, flat_residual)
+        delta = treedef.unflatten(flat_delta)
+        residual = None if flat_residual is None else treedef.unflatten(flat_residual)
+    else:
+        delta = treedef.unflatten([_workers.mean(w, where) for w in flat_per_worker])
     if stats is not None and where.stats:
         stats = _workers.sync_stats(flat_per_worker, treedef.flatten_up_to(delta), stats, where)
+    return delta, stats, residual
+
+
+def apply_outer(slow: Any, delta: Any, outer_state: Any, outer_step: OuterStep) -> tuple[Any, Any]:
+    """The outer step on an averaged pseudo-gradient: the new slow weights and outer state."""
     moves, outer_state = outer_step(delta, outer_state, slow)
     new_slow = jax.tree.map(
         lambda s, v: s if is_masked(s) else s + v.astype(s.dtype), slow, moves, is_leaf=is_masked
     )
-    return new_slow, outer_state, stats
+    return new_slow, outer_state
 
 
 def update_onto_slow(slow: Any, p: Any, u: Any, synced: bool | jax.Array) -> Any:
@@ -123,9 +154,9 @@ def update_onto_slow(slow: Any, p: Any, u: Any, synced: bool | jax.Array) -> Any
     ``synced`` is a Python bool (no select) or traced (one select that XLA fuses with the
     inner optimizer's arithmetic and the caller's ``apply_updates``: the inner update is
     never written to memory). The dtype is the wider of ``u``'s and ``p``'s: f32 params
-    with bf16 grads land on f32 slow weights. ``p + (slow - p)`` is ``slow`` exactly when
-    ``slow / 2 <= p <= 2 slow`` (Sterbenz); otherwise it is within half an ulp of
-    ``|slow - p|`` (``update_and_apply`` lands exactly: it sets the params itself).
+    with bf16 grads land on f32 slow weights. ``p + (slow - p)`` is ``slow`` (in the params'
+    dtype) exactly when ``slow / 2 <= p <= 2 slow`` (Sterbenz); otherwise it is within half
+    an ulp of ``|slow - p|`` (``update_and_apply`` lands exactly: it sets the params itself).
     """
     if is_masked(slow) or not is_inexact(p):
         return u
@@ -133,6 +164,31 @@ def update_onto_slow(slow: Any, p: Any, u: Any, synced: bool | jax.Array) -> Any
     out_dtype = promote(u.dtype, p.dtype)
     if synced is False:
         return u.astype(out_dtype)
+    # Aim at phi as the params can hold it: with bf16 params and f32 slow weights, the
+    # difference of two bf16 numbers is exact (Sterbenz) where a rounded f32 one is not.
     wide = promote(slow.dtype, p.dtype)
-    to_slow = (slow.astype(wide) - p.astype(wide)).astype(out_dtype)
+    target = slow.astype(p.dtype).astype(wide)
+    to_slow = (target - p.astype(wide)).astype(out_dtype)
     return to_slow if synced is True else jnp.where(synced, to_slow, u.astype(out_dtype))
+
+
+def update_onto_mix(slow: Any, p: Any, u: Any, synced: bool | jax.Array, mixing: float) -> Any:
+    """As :func:`update_onto_slow`, but a sync lands on ``phi + mixing (p + u - phi)``.
+
+    torchft's ``fragment_update_alpha`` (``p.lerp_(local, a)``): each worker keeps a
+    fraction ``mixing`` of its own progress past the new slow weights. ``mixing=0`` is
+    :func:`update_onto_slow` (it is called instead, bit for bit); ``mixing=1`` keeps the
+    fast weights (the sync moves only the slow weights).
+    """
+    if is_masked(slow) or not is_inexact(p) or mixing == 0:
+        return update_onto_slow(slow, p, u, synced)
+    u = jnp.asarray(u)
+    out_dtype = promote(u.dtype, p.dtype)
+    if synced is False:
+        return u.astype(out_dtype)
+    wide = promote(slow.dtype, p.dtype)
+    local = p.astype(wide) + u.astype(wide)
+    phi = slow.astype(wide)
+    target = phi + jnp.asarray(mixing, wide) * (local - phi)
+    to_mix = (target.astype(p.dtype).astype(wide) - p.astype(wide)).astype(out_dtype)
+    return to_mix if synced is True else jnp.where(synced, to_mix, u.astype(out_dtype))

@@ -746,3 +746,122 @@ class Workers:
             count, syncs = 0, syncs + 1
         new_state = WorkersState(inner, slow, count, syncs, cycle_start, outer, stats, alpha)
         return updates, new_state
+
+
+# --- overlapped fragments and the quantized exchange (torchft's DiLoCo, step by step) ------
+#
+# Written from torchft's ``DiLoCo(fragment_sync_delay=tau, fragment_update_alpha=a)``
+# (torchft/local_sgd.py) and the quantized exchange as the issue describes it; used by
+# tests/test_overlap.py and tests/test_quantized.py.
+
+
+def quantize_blocks(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 blocks along the last axis of ``x`` to int8 / fp8, one float32 scale each:
+    scale = max|x| / qmax (1 for an all-zero block); int8: round half to even, clip to
+    [-127, 127]; fp8: round to nearest (ml_dtypes)."""
+    x = np.asarray(x, np.float32)
+    fp8 = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}
+    qmax = np.float32(127.0 if dtype == "int8" else float(ml_dtypes.finfo(fp8[dtype]).max))
+    top = np.max(np.abs(x), axis=-1)
+    scale = np.where(top > 0, top / qmax, np.float32(1.0)).astype(np.float32)
+    scaled = (x / scale[..., None]).astype(np.float32)
+    if dtype == "int8":
+        return np.clip(np.round(scaled), -127, 127).astype(np.int8), scale
+    return scaled.astype(fp8[dtype]), scale
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float32) * scale[..., None]).astype(np.float32)
+
+
+def quantized_exchange(xs: Sequence[np.ndarray], dtype: str, block: int):
+    """The workers' mean of the float32 vectors ``xs`` (one per worker), exchanged quantized.
+
+    Every vector is padded with zeros to N chunks of C values (C = a multiple of
+    ``b = min(block, ceil(T / N))``), quantized in blocks of b; worker c receives chunk c of
+    everyone (all-to-all), dequantizes, sums in float32 in worker order, divides by N,
+    requantizes; everyone receives every requantized chunk (all-gather) and dequantizes.
+    Returns ``(mean, residuals)``: the mean (length T, float32) and per worker what its own
+    quantization lost, ``x_w - dequantize(quantize(x_w))`` (length T).
+    """
+    n, total = len(xs), len(xs[0])
+    per_worker = max(1, -(-total // n))
+    b = max(1, min(block, per_worker))
+    chunk = -(-per_worker // b) * b
+    padded = [np.concatenate([np.asarray(x, np.float32), np.zeros(n * chunk - total, np.float32)])
+              for x in xs]  # fmt: skip
+    sent = [quantize_blocks(x.reshape(n, chunk // b, b), dtype) for x in padded]
+    residuals = [(x - dequantize_blocks(*qs).reshape(-1))[:total] for x, qs in zip(padded, sent)]
+    gathered = []
+    for c in range(n):  # worker c owns chunk c
+        acc = dequantize_blocks(sent[0][0][c], sent[0][1][c])
+        for w in range(1, n):
+            acc = (acc + dequantize_blocks(sent[w][0][c], sent[w][1][c])).astype(np.float32)
+        gathered.append(quantize_blocks((acc / np.float32(n)).astype(np.float32), dtype))
+    mean = np.concatenate([dequantize_blocks(q, s).reshape(-1) for q, s in gathered])
+    return mean[:total], residuals
+
+
+def streaming_trajectory(
+    params0, grad_fns, inner, k: int, outer, num_steps: int, *, groups=None, overlap: int = 0,
+    mixing: float = 0.0, quantized: tuple[str, int] | None = None, error_feedback: bool = False,
+):  # fmt: skip
+    """torchft's DiLoCo with fragment_sync_delay = ``overlap``, fragment_update_alpha =
+    ``mixing``; optionally the quantized exchange (``quantized=(dtype, block)``, float32).
+
+    P fragments (``groups``); fragment j syncs at calls s_j = (j + 1) k / P of every cycle.
+    At call s_j - overlap, after the inner step, its pseudo-gradient phi - theta_w is taken
+    per worker and averaged (with ``error_feedback`` each worker first adds its residual
+    and keeps what quantizing lost). At call s_j, after the inner step: ``local`` = theta_w;
+    one ``outer`` step with the stored average moves phi; theta_w <- phi + mixing (local -
+    phi). Returns per step every worker's params and phi (float64, float32 if quantized).
+    """
+    workers = len(grad_fns)
+    ftype = np.float32 if quantized else np.float64
+    slow = [np.asarray(p, ftype) for p in params0]
+    groups = [list(range(len(slow)))] if groups is None else [list(g) for g in groups]
+    fast = [[s.copy() for s in slow] for _ in range(workers)]
+    inner_states = [inner.init(f) for f in fast]
+    outer_states = [outer.init([slow[i] for i in g]) for g in groups]
+    pending: dict[int, list] = {}
+    residual = [[np.zeros_like(s) for s in slow] for _ in range(workers)]
+    fast_history, slow_history = [], []
+    for step in range(1, num_steps + 1):
+        for w in range(workers):
+            updates, inner_states[w] = inner.step(grad_fns[w](fast[w]), inner_states[w], fast[w])
+            fast[w] = [(p + u).astype(ftype) for p, u in zip(fast[w], updates)]
+        for j, group in enumerate(groups):
+            at = (j + 1) * k // len(groups)
+            if (step - at + overlap) % k == 0:  # send: the pseudo-gradient of these weights
+                deltas = [[(slow[i] - f[i]).astype(ftype) for i in group] for f in fast]
+                if quantized is None:
+                    pending[j] = [np.mean(leaves, axis=0) for leaves in zip(*deltas)]
+                    continue
+                sizes = [slow[i].size for i in group]
+                xs = []
+                for w, d in enumerate(deltas):
+                    flat = np.concatenate([x.reshape(-1) for x in d]).astype(np.float32)
+                    if error_feedback:
+                        flat = flat + np.concatenate([residual[w][i].reshape(-1) for i in group])
+                    xs.append(flat)
+                mean, lost = quantized_exchange(xs, *quantized)
+                cuts = np.cumsum([0] + sizes)
+                pending[j] = [mean[a:b].reshape(slow[i].shape) for i, a, b in
+                              zip(group, cuts[:-1], cuts[1:])]  # fmt: skip
+                if error_feedback:
+                    for w in range(workers):
+                        for i, a, b in zip(group, cuts[:-1], cuts[1:]):
+                            residual[w][i] = lost[w][a:b].reshape(slow[i].shape)
+        for j, group in enumerate(groups):
+            at = (j + 1) * k // len(groups)
+            if (step - at) % k != 0:
+                continue
+            phi = [slow[i] for i in group]
+            moves, outer_states[j] = outer.step(pending.pop(j), outer_states[j], phi)
+            for i, u in zip(group, moves):
+                slow[i] = (slow[i] + u).astype(ftype)
+                for f in fast:
+                    f[i] = (slow[i] + ftype(mixing) * (f[i] - slow[i])).astype(ftype)
+        fast_history.append([[p.copy() for p in f] for f in fast])
+        slow_history.append([s.copy() for s in slow])
+    return fast_history, slow_history

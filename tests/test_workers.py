@@ -257,7 +257,7 @@ def test_a_bf16_communication_dtype_rounds_each_worker_and_accumulates_in_f32():
         (dict(workers=2.0), "workers must be a positive int"),
         (dict(workers=2, axis_name="w"), "workers and axis_name"),
         (dict(communication_dtype=jnp.bfloat16), "communication_dtype needs workers"),
-        (dict(workers=2, communication_dtype=jnp.int8), "communication_dtype must be a floating"),
+        (dict(workers=2, communication_dtype=jnp.int16), "communication_dtype must be a floating"),
         (dict(workers=2, alpha=lo.adaptive_alpha()), "adaptive_alpha does not support workers"),
     ],
 )
