@@ -25,12 +25,18 @@ HERE = pathlib.Path(__file__).parent / "v030"
 
 def cases():
     """(name, tx, params, grads): the same builders live in tests/test_checkpoint_compat.py."""
-    params = {"w": jnp.arange(6.0).reshape(3, 2) / 7, "b": jnp.array([0.5, -1.0]), "n": jnp.int32(3)}
+    params = {
+        "w": jnp.arange(6.0).reshape(3, 2) / 7,
+        "b": jnp.array([0.5, -1.0]),
+        "n": jnp.int32(3),
+    }
     grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1 if p.dtype != jnp.int32 else p, params)
     nesterov = optax.sgd(0.7, momentum=0.9, nesterov=True)
     yield "outer", lo.lookahead(optax.adam(0.1), k=3, outer=nesterov), params, grads
     wparams = lo.replicate(params, 2)
-    wparams = jax.tree.map(lambda p: p + jnp.arange(2).reshape((2,) + (1,) * (p.ndim - 1)).astype(p.dtype), wparams)
+    wparams = jax.tree.map(
+        lambda p: p + jnp.arange(2).reshape((2,) + (1,) * (p.ndim - 1)).astype(p.dtype), wparams
+    )
     wgrads = jax.tree.map(lambda g: jnp.stack([g, 2 * g]), grads)
     yield "workers", lo.lookahead(optax.adam(0.1), k=3, alpha=0.5, workers=2), wparams, wgrads
 
@@ -45,7 +51,10 @@ def main():
             params = optax.apply_updates(params, updates)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.abspath(HERE / name / "state"), state)
-        flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+        flat = {
+            jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(state)
+        }
         np.savez(HERE / name / "leaves.npz", **flat)
 
 
