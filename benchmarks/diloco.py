@@ -777,6 +777,8 @@ def outer_sweep_markdown(report: dict) -> str:
 
     def margin(m):
         d = m["winner_minus_it"]
+        if d["std"] == 0 and d["mean"] == 0:
+            return f"{m['setting']} is the winner"
         return (f"{m['setting']} at {m['loss']['mean']:.4f}: Δ {d['mean']:+.4f} ± {d['std']:.4f} "
                 f"(lower on {d['a_lower_on']}/{d['seeds']} seeds)")  # fmt: skip
 
@@ -833,16 +835,17 @@ def outer_sweep_plot(report: dict, path: Path) -> None:
                          for o in cfg["outer_lrs"]], float)  # fmt: skip
         grid[~np.isfinite(grid)] = np.nan
         best = np.nanmin(grid)
-        image = ax.imshow(grid, cmap="viridis_r", vmin=best, vmax=min(np.nanmax(grid), 3 * best),
-                          aspect="auto")  # fmt: skip
+        top = min(np.nanmax(grid), 3 * best)
+        image = ax.imshow(grid, cmap="viridis_r", vmin=best, vmax=top, aspect="auto")
         for i, o in enumerate(cfg["outer_lrs"]):
             for j, m in enumerate(cfg["momenta"]):
                 s = r["settings"][f"{o:g}/{m:g}"]
                 bold = "bold" if f"{o:g}/{m:g}" == r["winner"] else "normal"
                 ax.text(j, i, f"{s['loss']['mean']:.3f}\n±{s['loss']['std']:.3f}\n"
                         f"({s['best_inner_lr']:g})", ha="center", va="center", fontsize=7,
-                        weight=bold,
-                        color="white" if grid[i, j] > best * 1.5 else "black")  # fmt: skip
+                        weight=bold,  # white on the dark end of the colour map
+                        color="white" if grid[i, j] > best + 0.55 * (top - best)
+                        else "black")  # fmt: skip
         ax.set_xticks(range(len(cfg["momenta"])), [f"{m:g}" for m in cfg["momenta"]])
         ax.set_yticks(range(len(cfg["outer_lrs"])), [f"{o:g}" for o in cfg["outer_lrs"]])
         ax.set_xlabel("outer Nesterov momentum")
