@@ -150,8 +150,8 @@ def check_state(state: Any, config: Any = None) -> None:
     """The state ``update`` received must be one this lookahead's ``init`` made.
 
     Raises a ValueError naming what differs: not a LookaheadState; slow weights offloaded
-    to host memory (:func:`lookahead_optax.offload_state`); or, given ``config`` (the
-    lookahead's options: anything with ``outer``, ``alpha``, ``policy``, ``fragments`` and
+    to host memory (:func:`lookahead_optax.experimental.offload_state`); or, given ``config``
+    (the lookahead's options: anything with ``outer``, ``alpha``, ``policy``, ``fragments`` and
     ``where.workers``/``where.axis_name``), a state made by a lookahead built with other
     options (``outer=`` added to a run that used ``alpha``, ``workers`` added or removed,
     another ``inner_state`` policy, ``adaptive_alpha``, another outer optimizer or number
@@ -191,9 +191,9 @@ def check_on_device(state: LookaheadState) -> None:
                 raise ValueError(
                     f"opt_state holds the lookahead's {field} in host memory (offload_state): "
                     "tx.update and update_and_apply need them on the device. Bring them back "
-                    "with lookahead_optax.onload_state(opt_state), or train with "
-                    "lookahead_optax.StaticSyncStep(..., offload=True), which moves them "
-                    "itself at the sync"
+                    "with lookahead_optax.experimental.onload_state(opt_state), or train "
+                    "with lookahead_optax.experimental.StaticSyncStep(..., offload=True), "
+                    "which moves them itself at the sync"
                 )
 
 
