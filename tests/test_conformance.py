@@ -157,19 +157,22 @@ def sample(seed: int, count: int) -> list[Combo]:
 
 def fast_set(seed: int = 18) -> list[Combo]:
     """Valid combinations, greedily chosen until every value of every axis (and every extra
-    leaf, and update_and_apply's fused path) appears in one; then one combination per kind
-    of refusal."""
+    leaf, update_and_apply's fused path, pullback with a fixed alpha) appears in one; then one
+    combination per kind of refusal."""
     wanted = {(name, v) for name, choices in AXES.items() for v in choices}
     wanted |= {("leaf", leaf) for leaf in EXTRA_LEAVES}
     wanted -= {("communication_dtype", None)}  # covered by any no-worker combination
 
-    wanted |= {("fused path", True)}
+    wanted |= {("fused path", True), ("pullback by alpha < 1", True)}
 
     def covers(c: Combo) -> set:
         got = {(name, getattr(c, name)) for name in AXES}
         # update_and_apply deciding the sync itself (its lax.cond around two static steps).
         fused = c.entry == "update_and_apply" and c.fragments == 1 and c.wrapper != "multisteps"
-        return got | {("leaf", leaf) for leaf in c.leaves} | {("fused path", fused)}
+        # adaptive alpha is often clipped to 1, where pullback leaves the inner state as it is.
+        pullback = c.inner_state == "pullback" and c.slow_step == "alpha"
+        extra = {("fused path", fused), ("pullback by alpha < 1", pullback)}
+        return got | {("leaf", leaf) for leaf in c.leaves} | extra
 
     chosen, refused = [], {}
     candidates = sample(seed, 3000)
