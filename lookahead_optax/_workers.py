@@ -297,10 +297,15 @@ def worker_axis_is_local(x: jax.Array) -> bool:
     """
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or mesh.size == 1:
+    if mesh is None or mesh.empty:
         return True
     explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-    return explicit and (not sharding.spec or sharding.spec[0] is None)
+    if explicit:
+        # Even on a one-device Explicit mesh a spec naming the worker axis is part of the
+        # type: the reduction keeps it (stacked slices would lose it, and a cond's branches
+        # would differ: float32[4] against float32[4@workers]).
+        return not sharding.spec or sharding.spec[0] is None
+    return mesh.size == 1
 
 
 def mean(delta: Any, where: Any) -> Any:

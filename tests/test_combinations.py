@@ -560,3 +560,34 @@ def test_next_call_syncs_is_true_exactly_on_the_calls_that_sync_a_fragment(fragm
             did.append(any(not np.array_equal(x, y) for x, y in zip(before, after)))
         assert said == did, (leaves, said, did)
         assert sum(did) >= 2 * min(fragments, len(leaves))
+
+
+def test_workers_on_a_one_device_explicit_mesh():
+    """What docs/outer_and_diloco.md's mesh block does on a reader's one-device machine: the
+    worker axis "sharded" over a mesh of one device. The sync's per-worker drift kept the
+    axis' sharding in its type only on some paths (cond branches differed:
+    float32[4] against float32[4@workers])."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("workers",), (AxisType.Explicit,), devices=jax.devices()[:1])
+    on_workers = NamedSharding(mesh, PartitionSpec("workers"))
+    tx = lo.lookahead(optax.sgd(0.1), k=2, workers=4, outer=NESTEROV)
+    params = jax.device_put(lo.replicate({"w": jnp.zeros(3)}, 4), on_workers)
+    targets = jax.device_put(jnp.arange(12.0).reshape(4, 3), on_workers)
+    opt_state = jax.jit(tx.init)(params)
+    for fused in (True, False):
+
+        @jax.jit
+        def step(params, opt_state, fused=fused):
+            grads = jax.tree.map(lambda p: p - targets, params)
+            if fused:
+                return lo.update_and_apply(tx, grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        with jax.set_mesh(mesh):
+            p, s = params, opt_state
+            for _ in range(4):
+                p, s = step(p, s)
+        assert int(s.syncs) == 2 and s.sync_stats.worker_drift.shape == (4,)
+        assert p["w"].sharding.spec[0] == "workers"
