@@ -258,8 +258,9 @@ def test_adaptive_alpha_under_strict_promotion_with_bf16_params():
     params = {"w": jnp.array([1.0, -2.0, 0.5], jnp.bfloat16)}
     tx = lo.lookahead(optax.sgd(SGD_LR), k=2, alpha=lo.adaptive_alpha(curvature="ema"))
     opt_state = tx.init(params)
-    with jax.numpy_dtype_promotion("strict"):
+    with jax.numpy_dtype_promotion("strict"):  # traced in the loop's first call
+        update = jax.jit(tx.update)
         for _ in range(4):
-            updates, opt_state = tx.update(params, opt_state, params)
+            updates, opt_state = update(params, opt_state, params)
             params = optax.apply_updates(params, updates)
     assert int(opt_state.syncs) == 2 and params["w"].dtype == jnp.bfloat16

@@ -351,8 +351,9 @@ def test_non_floating_leaves_are_the_inner_optimizers_business():
     params = {"w": jnp.array([1.0, -2.0]), "n": jnp.array([0, 5], jnp.int32)}
     tx = lo.lookahead(_add_one_to_integers(), k=2, alpha=0.5)
     opt_state = tx.init(params)
+    update = jax.jit(tx.update)
     for _ in range(5):
-        updates, opt_state = tx.update(params, opt_state, params)
+        updates, opt_state = update(params, opt_state, params)
         params = optax.apply_updates(params, updates)
     np.testing.assert_array_equal(params["n"], [5, 10])  # never snapped back
     np.testing.assert_array_equal(lo.slow_params(opt_state, params)["n"], [5, 10])

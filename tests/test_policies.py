@@ -299,9 +299,10 @@ def test_pullback_leaves_scalars_alone_reduce_on_plateau():
     tx = lo.lookahead(inner, k=2, inner_state="pullback")
     params = {"w": jnp.array([1.0, -2.0])}
     opt_state = tx.init(params)
+    update = jax.jit(tx.update)
     for _ in range(6):
         value = 0.5 * jnp.sum(params["w"] ** 2)
-        updates, opt_state = tx.update(params, opt_state, params, value=value)
+        updates, opt_state = update(params, opt_state, params, value=value)
         params = optax.apply_updates(params, updates)
     plateau = opt_state.inner_state[1]
     assert np.isfinite(plateau.best_value) and float(plateau.best_value) > 0
@@ -315,8 +316,9 @@ def test_pullback_keeps_an_injected_learning_rate_the_user_set():
     opt_state = tx.init(params)
     hyperparams = opt_state.inner_state.hyperparams
     hyperparams["learning_rate"] = jnp.asarray(0.01, hyperparams["learning_rate"].dtype)
+    update = jax.jit(tx.update)
     for _ in range(4):
-        updates, opt_state = tx.update(params, opt_state, params)
+        updates, opt_state = update(params, opt_state, params)
         params = optax.apply_updates(params, updates)
     assert int(opt_state.syncs) == 2
     assert float(opt_state.inner_state.hyperparams["learning_rate"]) == pytest.approx(0.01)
@@ -325,8 +327,9 @@ def test_pullback_keeps_an_injected_learning_rate_the_user_set():
     keep_state = keep.init({"w": jnp.array([1.0, -2.0])})
     keep_state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.01, jnp.float32)
     p = {"w": jnp.array([1.0, -2.0])}
+    keep_update = jax.jit(keep.update)
     for _ in range(4):
-        updates, keep_state = keep.update(p, keep_state, p)
+        updates, keep_state = keep_update(p, keep_state, p)
         p = optax.apply_updates(p, updates)
     trace, keep_trace = (
         opt_state.inner_state.inner_state[0].trace,
@@ -347,8 +350,9 @@ def test_reset_keeps_the_schedule_and_restarts_the_moments():
     tx = lo.lookahead(optax.adam(schedule), k=3, inner_state="reset")
     params = {"w": jnp.array([1.0, -2.0])}
     opt_state = tx.init(params)
+    update = jax.jit(tx.update)
     for _ in range(7):
-        updates, opt_state = tx.update(params, opt_state, params)
+        updates, opt_state = update(params, opt_state, params)
         params = optax.apply_updates(params, updates)
     adam_state, schedule_state = opt_state.inner_state
     assert int(schedule_state.count) == 7  # the learning rate keeps decaying across syncs
@@ -359,7 +363,8 @@ def test_reset_keeps_the_schedule_and_restarts_the_moments():
     )
     opt_state = tx.init(params)
     opt_state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.01, jnp.float32)
+    update = jax.jit(tx.update)
     for _ in range(4):
-        updates, opt_state = tx.update(params, opt_state, params)
+        updates, opt_state = update(params, opt_state, params)
     assert float(opt_state.inner_state.hyperparams["learning_rate"]) == pytest.approx(0.01)
     assert int(opt_state.inner_state.count) == 4
