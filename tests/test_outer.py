@@ -113,8 +113,9 @@ def test_outer_state_in_the_slow_dtype():
     )
     state = tx.init(params)
     assert state.outer_state[0].trace["w"].dtype == jnp.float32
+    update = jax.jit(tx.update)
     for _ in range(4):
-        updates, state = tx.update(params, state, params)
+        updates, state = update(params, state, params)
         params = optax.apply_updates(params, updates)
     assert state.outer_state[0].trace["w"].dtype == jnp.float32
     assert params["w"].dtype == jnp.bfloat16
@@ -163,9 +164,9 @@ def test_masked_and_multi_transform_with_an_outer_optimizer():
     }
     results = {}
     for name, (tx, p) in runs.items():
-        s = tx.init(p)
+        s, update = tx.init(p), jax.jit(tx.update)
         for _ in range(7):
-            u, s = tx.update(p, s, p)
+            u, s = update(p, s, p)
             p = optax.apply_updates(p, u)
         results[name] = (p, s)
     w_alone, state_alone = results.pop("alone")
