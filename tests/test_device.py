@@ -189,9 +189,10 @@ def test_next_call_syncs_follows_the_period():
     params = initial_params()
     opt_state = tx.init(params)
     seen = []
+    step = jax.jit(lambda p, s: lo.update_and_apply(tx, p, s, p))
     for _ in range(7):
         seen.append(lo.next_call_syncs(opt_state))
-        params, opt_state = lo.update_and_apply(tx, params, opt_state, params)
+        params, opt_state = step(params, opt_state)
     assert seen == [False, False, True, False, False, True, False]
 
 
