@@ -40,7 +40,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
@@ -58,13 +57,14 @@ def qmax(dtype: Any) -> float:
 
 
 def layout(total: int, workers: int, block: int) -> tuple[int, int]:
-    """``(chunk, block)``: the chunk each worker owns (a multiple of the block) and the
-    block used, ``min(block, ceil(total / workers))`` so a small fragment is not padded
-    to ``workers x block`` values."""
+    """``(chunk, block)``: the values each worker owns, ``ceil(total / workers)`` rounded
+    up to a whole number of blocks, and the block used: the ``ceil(chunk / block)``
+    blocks of a chunk are made equal, at most ``block`` values each, so padding is less
+    than one value per block (not up to a block per chunk)."""
     per_worker = max(1, math.ceil(total / workers))
-    block = max(1, min(int(block), per_worker))
-    chunk = math.ceil(per_worker / block) * block
-    return chunk, block
+    blocks = math.ceil(per_worker / max(1, int(block)))
+    block = math.ceil(per_worker / blocks)
+    return blocks * block, block
 
 
 def quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -82,6 +82,16 @@ def quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 
 def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     return q.astype(jnp.float32) * scale[..., None]
+
+
+def _wire(q: jax.Array) -> jax.Array:
+    """fp8 travels as its bytes (uint8): XLA:CPU widens fp8 collectives to f16 when it
+    compiles them; int8 travels as it is."""
+    return q if q.dtype == jnp.int8 else jax.lax.bitcast_convert_type(q, jnp.uint8)
+
+
+def _unwire(q: jax.Array, dtype: Any) -> jax.Array:
+    return q if q.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(q, dtype)
 
 
 def _reduce(
@@ -108,15 +118,18 @@ def _exchange_mesh(x, mesh, axis, workers, chunk, block, dtype, quantize_fn):
     def body(local):
         q, scale = quantize_fn(local)
         # All-to-all: chunk group d (N / D chunks) of every worker goes to device d.
-        q = jax.lax.all_to_all(q, axis, 1, 0, tiled=True)  # (N, N/D, blocks, B)
+        q = _unwire(jax.lax.all_to_all(_wire(q), axis, 1, 0, tiled=True), dtype)  # (N, N/D, ...)
         scale = jax.lax.all_to_all(scale, axis, 1, 0, tiled=True)
         q2, s2 = _reduce(q, scale, workers, dtype)  # (N/D, blocks, B): this device's chunks
-        q2 = jax.lax.all_gather(q2, axis, axis=0, tiled=True)  # (N, blocks, B)
+        q2 = _unwire(jax.lax.all_gather(_wire(q2), axis, axis=0, tiled=True), dtype)
         s2 = jax.lax.all_gather(s2, axis, axis=0, tiled=True)
         return dequantize(q2, s2).reshape(-1)
 
     spec = PartitionSpec(axis)
-    return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=PartitionSpec())(x)
+    # The all-gathered mean is the same on every device; shard_map cannot infer that.
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=spec, out_specs=PartitionSpec(), check_vma=False
+    )(x)
 
 
 def _worker_mesh_axis(x: jax.Array, workers: int) -> tuple[Any, Any] | None:
@@ -179,10 +192,10 @@ def quantized_mean(flat: list[Any], where: Any, residual: list[Any] | None) -> t
     lost = x - dequantize(q, scale).reshape(x.shape) if residual is not None else None
     if not stacked:  # inside the user's shard_map / pmap / vmap over axis_name
         name = where.axis_name
-        q = jax.lax.all_to_all(q, name, 0, 0, tiled=True)  # row w: worker w's copy of my chunk
+        q = _unwire(jax.lax.all_to_all(_wire(q), name, 0, 0, tiled=True), dtype)  # row w: w's copy
         scale = jax.lax.all_to_all(scale, name, 0, 0, tiled=True)
         q2, s2 = _reduce(q[:, None], scale[:, None], workers, dtype)
-        q2 = jax.lax.all_gather(q2[0], name, axis=0)
+        q2 = _unwire(jax.lax.all_gather(_wire(q2[0]), name, axis=0), dtype)
         s2 = jax.lax.all_gather(s2[0], name, axis=0)
         mean = dequantize(q2, s2).reshape(-1)
     else:
@@ -208,6 +221,6 @@ def residual_init(params: Any, slow: Any) -> Any:
     def zero(p: Any, s: Any) -> Any:
         if optax.MaskedNode is type(s) or not jnp.issubdtype(jnp.result_type(s), jnp.floating):
             return optax.MaskedNode()
-        return jnp.zeros(np.shape(p), jnp.float32)
+        return jnp.zeros_like(p, jnp.float32)  # on an Explicit mesh, sharded as p
 
     return jax.tree.map(zero, params, slow)

@@ -777,8 +777,9 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def quantized_exchange(xs: Sequence[np.ndarray], dtype: str, block: int):
     """The workers' mean of the float32 vectors ``xs`` (one per worker), exchanged quantized.
 
-    Every vector is padded with zeros to N chunks of C values (C = a multiple of
-    ``b = min(block, ceil(T / N))``), quantized in blocks of b; worker c receives chunk c of
+    Every vector is padded with zeros to N chunks of C values, C = ceil(T / N) rounded up to
+    m = ceil(ceil(T / N) / block) equal blocks of b = ceil(ceil(T / N) / m) values, and
+    quantized in blocks of b; worker c receives chunk c of
     everyone (all-to-all), dequantizes, sums in float32 in worker order, divides by N,
     requantizes; everyone receives every requantized chunk (all-gather) and dequantizes.
     Returns ``(mean, residuals)``: the mean (length T, float32) and per worker what its own
@@ -786,8 +787,9 @@ def quantized_exchange(xs: Sequence[np.ndarray], dtype: str, block: int):
     """
     n, total = len(xs), len(xs[0])
     per_worker = max(1, -(-total // n))
-    b = max(1, min(block, per_worker))
-    chunk = -(-per_worker // b) * b
+    m = -(-per_worker // block)
+    b = -(-per_worker // m)
+    chunk = m * b
     padded = [np.concatenate([np.asarray(x, np.float32), np.zeros(n * chunk - total, np.float32)])
               for x in xs]  # fmt: skip
     sent = [quantize_blocks(x.reshape(n, chunk // b, b), dtype) for x in padded]
