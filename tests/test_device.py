@@ -418,9 +418,10 @@ def _check_report(report, formulations):
                     assert e["params_sized_copies"] == 0, name
 
 
+@pytest.mark.slow  # a benchmark run (the slow marker's definition)
 def test_device_benchmark_quick_run(tmp_path):
-    # The quick set: the static two executables only (compiling every formulation takes
-    # longer; the slow test below runs them all, and the graph-conditionals child).
+    # The static two executables only (compiling every formulation takes longer; the test
+    # below runs them all, and the graph-conditionals child).
     device = _device_module()
     out = tmp_path / "device.json"
     report = device.main(["--quick", "--sizes", "40K/4", "--no-graph-conditionals",
