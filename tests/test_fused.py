@@ -69,10 +69,11 @@ def test_vmap_over_an_ensemble_equals_separate_runs():
     starts = [initial_params(), jax.tree.map(lambda x: 0.5 * x, initial_params())]
 
     def steps(params, num_steps=5):
-        opt_state = tx.init(params)
-        for _ in range(num_steps):
-            params, opt_state = fused_step(params, opt_state, loss_grad(params), tx)
-        return params
+        def body(_, carry):
+            params, opt_state = carry
+            return fused_step(params, opt_state, loss_grad(params), tx)
+
+        return jax.lax.fori_loop(0, num_steps, body, (params, tx.init(params)))[0]
 
     batched = jax.jit(jax.vmap(steps))(jax.tree.map(lambda *xs: jnp.stack(xs), *starts))
     for i, start in enumerate(starts):
