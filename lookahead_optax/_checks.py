@@ -239,6 +239,18 @@ def _option_mismatch(state: LookaheadState, config: Any) -> str:
             f"the state was made with fragments={made_fragments}, this lookahead has "
             f"fragments={int(config.fragments)}"
         )
+    overlap = int(getattr(config, "overlap", 0))
+    if (getattr(state, "in_flight", None) is not None) != (overlap > 0):
+        return (
+            f"this lookahead has overlap={overlap}, the state was made "
+            + ("with overlap > 0 (it holds in_flight)" if overlap == 0 else "without overlap")
+        )
+    feedback = bool(getattr(config, "error_feedback", False))
+    if (getattr(state, "residual", None) is not None) != feedback:
+        return (
+            f"this lookahead has error_feedback={feedback}, the state was made "
+            + ("with error_feedback=True (it holds residual)" if not feedback else "without it")
+        )
     if config.outer is None:
         if state.outer_state is not None:
             return "the state was made with outer=..., this lookahead has alpha (no outer)"

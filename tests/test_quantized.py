@@ -40,8 +40,15 @@ def _grads(params, workers, seed):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("error_feedback", [False, True])
+@pytest.mark.parametrize(
+    "dtype, error_feedback",
+    [
+        (jnp.int8, True),
+        pytest.param(jnp.int8, False, marks=pytest.mark.slow),
+        pytest.param(jnp.float8_e4m3fn, False, marks=pytest.mark.slow),
+        pytest.param(jnp.float8_e4m3fn, True, marks=pytest.mark.slow),
+    ],
+)
 def test_trajectory_matches_the_reference_of_the_same_scheme(dtype, error_feedback):
     """4 workers, two fragments, overlap 1: every step of every worker and the slow weights
     as reference.streaming_trajectory computes them with reference.quantized_exchange."""
@@ -164,7 +171,7 @@ def _wire_bytes(hlo):
 @pytest.mark.parametrize(
     "dtype, axis_type",
     [
-        (jnp.int8, AxisType.Explicit),
+        pytest.param(jnp.int8, AxisType.Explicit, marks=pytest.mark.slow),
         pytest.param(jnp.int8, AxisType.Auto, marks=pytest.mark.slow),
         pytest.param(jnp.float8_e4m3fn, AxisType.Explicit, marks=pytest.mark.slow),
         pytest.param(jnp.float8_e4m3fn, AxisType.Auto, marks=pytest.mark.slow),
@@ -202,6 +209,7 @@ def test_on_a_mesh_the_wire_carries_one_byte_per_value_and_equals_one_device(dty
     assert f32_ops == {"all-reduce"} and f32_wire == 2 * (N - 1) / N * size * 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_axis_name_in_shard_map_and_vmap_equals_workers(dtype):
     """The same exchange with axis_name (one worker per shard_map instance, or vmap)."""
@@ -235,6 +243,7 @@ def test_axis_name_in_shard_map_and_vmap_equals_workers(dtype):
         np.testing.assert_array_equal(residual_sm[name], want.residual[name])
 
 
+@pytest.mark.slow
 def test_error_feedback_carries_what_quantization_lost():
     """With the same pseudo-gradient every sync, error feedback makes the average of the
     applied means converge to the true mean; without it the bias stays. One worker: the
