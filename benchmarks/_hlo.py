@@ -164,22 +164,79 @@ _MOVES = ("fusion", "copy", "custom-call", "reduce", "dot", "all-reduce", "all-r
           "concatenate")  # fmt: skip
 
 
-def traffic(text: str, min_bytes: int) -> dict[str, int]:
+def _elements(result: str) -> int:
+    return sum(
+        math.prod(int(d) for d in dims.split(",") if d)
+        for _, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", result)
+    )
+
+
+def _loop_fusion_reads(body: str) -> dict[int, int]:
+    """Elements a loop fusion reads of each parameter: following each parameter's users, a
+    slice reads its own elements, a path that reaches the root without one reads the
+    root's; capped at the parameter's size (a worker's slice of a stacked array counts as
+    the slice, the sum of every worker's slice as the whole array)."""
+    found = _INSTRUCTION.findall(body)
+    users: dict[str, list[tuple[str, str, str]]] = {}
+    for name, result, op, operands in found:
+        for operand in re.findall(r"%([\w.\-]+)", operands):
+            users.setdefault(operand, []).append((name, result, op))
+    root = re.search(r"ROOT\s+%([\w.\-]+) = (.*?) [a-z]", body)
+    root_elements = _elements(root.group(2)) if root else 0
+    reads = {}
+    for name, result, op, operands in found:
+        if op != "parameter":
+            continue
+        seen, stack, total = set(), [name], 0
+        while stack:
+            current = stack.pop()
+            for user, user_result, user_op in users.get(current, []):
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user_op in ("slice", "dynamic-slice"):
+                    total += _elements(user_result)
+                else:
+                    stack.append(user)
+        if root and (name == root.group(1) or root.group(1) in seen):
+            total += root_elements
+        reads[int(operands)] = min(total, _elements(result))
+    return reads
+
+
+def _operand_reads(line: str, result: str, operands: list[str], shapes: dict, module: dict):
+    """Bytes an instruction reads of each operand (loop fusions: ``_loop_fusion_reads``)."""
+    sizes = [shape_bytes(shapes.get(o.strip().lstrip("%"), "")) for o in operands]
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    if "kind=kLoop" not in line or not called or called.group(1) not in module:
+        return sizes
+    elements = _loop_fusion_reads(module[called.group(1)])
+    for index, operand in enumerate(operands):
+        shape = shapes.get(operand.strip().lstrip("%"), "")
+        if index in elements and _elements(shape):
+            sizes[index] = elements[index] * shape_bytes(shape) // _elements(shape)
+    return sizes
+
+
+def traffic(text: str, min_bytes: int, module: dict[str, str] | None = None) -> dict[str, int]:
     """Bytes that the instructions of a computation's text read and write, counting only the
     operands and results of at least ``min_bytes`` (params-sized arrays, not scalars).
 
     ``read`` sums each instruction's large operands (an operand read by two instructions
-    counts twice: XLA:CPU streams it from memory each time), ``written`` its large results,
-    ``instructions`` how many such instructions there are. Nested computations (fusion
-    bodies) are not entered: a fusion is one pass over its operands and results.
+    counts twice: XLA:CPU streams it from memory each time; given ``module`` (see
+    ``computations``), a loop fusion that slices an operand counts the slices),
+    ``written`` its large results, ``instructions`` how many such instructions there are.
+    A fusion is one pass over what it reads and writes.
     """
     shapes = {name: result for name, result, _, _ in _INSTRUCTION.findall(text)}
     read = written = count = 0
-    for _name, result, op, operands in _INSTRUCTION.findall(text):
-        if op not in _MOVES:
+    for line in text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match or match.group(3) not in _MOVES:
             continue
+        _, result, op, operands = match.groups()
         out = shape_bytes(result)
-        ins = [shape_bytes(shapes.get(o.strip().lstrip("%"), "")) for o in operands.split(",")]
+        ins = _operand_reads(line, result, operands.split(","), shapes, module or {})
         ins = [b for b in ins if b >= min_bytes]
         if out < min_bytes and not ins:
             continue
@@ -200,7 +257,7 @@ def sync_branch_traffic(hlo: str, min_bytes: int) -> dict[str, int]:
         return [text] + [t for group in branches(text) for b in group for t in texts(b)]
 
     found = [
-        traffic("\n".join(texts(name)), min_bytes)
+        traffic("\n".join(texts(name)), min_bytes, module)
         for group in branches(hlo)
         for name in group
         if name in module

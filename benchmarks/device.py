@@ -490,6 +490,36 @@ def bench_steps(total: int, leaves: int, names: list[str], args) -> dict[str, An
     return result
 
 
+# ------------------------------------------------ 3b. outer optimizers and workers
+
+
+def bench_two_loop(total: int, leaves: int, args) -> dict[str, Any]:
+    """speed.py --two-loop's contenders at the first size, through ``tx.update``: alpha,
+    outer SGD / heavy ball / Nesterov / Adam against Adam; workers=4 (alpha, Nesterov,
+    statistics on and off) against Adam vmapped over the workers, the workers' params once
+    on the default device (vmapped) and once sharded over a one-device mesh."""
+    import types
+
+    import speed
+    from tqdm import tqdm
+
+    two = types.SimpleNamespace(k=5, rounds=args.rounds, block_steps=2, workers=4)
+    groups = speed.two_loop_contenders(two.workers)
+    mesh = jax.make_mesh(
+        (1,), ("workers",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:1]
+    )
+    runs = [("single", None), ("workers", None), ("workers", mesh)]
+    results = []
+    with tqdm(disable=True) as progress:
+        for group, on_mesh in runs:
+            results.append(
+                speed.bench_two_loop_group(
+                    group, groups[group], {"after": lo}, total, leaves, two, progress, on_mesh
+                )
+            )
+    return {"results": results, "table": speed.format_two_loop(results, two.k)}
+
+
 # ----------------------------------------------------------------------- 4. the link
 
 
@@ -654,6 +684,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["Each step / Adam's step (median of per-round ratios):", ""]
         lines += format_steps(report["steps"])
         lines.append("")
+    if report.get("two_loop"):
+        lines += ["Outer optimizers and workers through tx.update (speed.py --two-loop; the "
+                  "third group's workers sit on a one-device mesh):", "",
+                  report["two_loop"]["table"], ""]  # fmt: skip
         child = report.get("graph_conditionals") or {}
         if child.get("steps"):
             lines += ["The same with graph conditionals on:", ""]
@@ -781,6 +815,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             if result:
                 report["steps"].append(result)
+        report["two_loop"] = phase(
+            f"two-loop {sizes[0][0] / 1e6:g}M/{sizes[0][1]}",
+            lambda: bench_two_loop(*sizes[0], args),
+        )
         report["offload"] = phase("offload", lambda: bench_offload(*sizes[-1], args))
         if not args.no_graph_conditionals:
             with tempfile.TemporaryDirectory() as tmp:

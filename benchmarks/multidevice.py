@@ -13,6 +13,14 @@ Without accelerators, the N devices are emulated on the CPU
 show the relative cost, not the speed-up of real devices.
 
     python benchmarks/multidevice.py --devices 8
+    python benchmarks/multidevice.py --devices 4 --workers   # DiLoCo workers, one per device
+
+``--workers``: params (``--params`` float32 in ``--leaves`` leaves) carry a leading
+worker axis with one worker per device, sharded over the mesh (Explicit and Auto axis
+types). Against Adam vmapped over the workers (the same sharding), ``lookahead(adam,
+workers=N)`` with alpha and with a Nesterov outer step, statistics on and off: the
+compiled temp bytes per device, the all-reduce bytes of the sync (from the compiled HLO:
+one slow-weights' worth is the bound) and the k-step mean step time ratio.
 """
 
 from __future__ import annotations
@@ -38,10 +46,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).parent / "results" / "multidevice.json",
-        help="where to write the JSON results",
+        default=None,
+        help="where to write the JSON results (default results/multidevice[-workers-N].json)",
     )
-    return parser.parse_args()
+    parser.add_argument("--workers", action="store_true", help="DiLoCo workers (see above)")
+    parser.add_argument("--params", type=float, default=16e6, help="--workers: float32 params")
+    parser.add_argument("--leaves", type=int, default=8, help="--workers: number of leaves")
+    args = parser.parse_args()
+    if args.out is None:
+        name = f"multidevice-workers-{args.devices}.json" if args.workers else "multidevice.json"
+        args.out = Path(__file__).parent / "results" / name
+    return args
 
 
 ARGS = parse_args()
@@ -224,5 +239,136 @@ def print_table(results: dict) -> None:
     )
 
 
+def workers_main() -> None:
+    """One worker per device: the workers' sync against the vmapped inner step."""
+    from jax.sharding import AxisType
+
+    devices = jax.devices()
+    n = ARGS.devices
+    if len(devices) != n:
+        raise SystemExit(f"asked for {n} devices, jax has {len(devices)}: {devices}")
+    per_leaf = int(ARGS.params) // ARGS.leaves // n
+    nesterov = optax.sgd(0.7, momentum=0.9, nesterov=True)
+    makers = {
+        "vmap(adam)": lambda: optax.GradientTransformation(
+            jax.vmap(optax.adam(1e-4).init), jax.vmap(optax.adam(1e-4).update)
+        ),
+        "workers alpha": lambda: lo.lookahead(optax.adam(1e-4), k=ARGS.k, workers=n),
+        "workers alpha, no stats": lambda: lo.lookahead(
+            optax.adam(1e-4), k=ARGS.k, workers=n, sync_stats=False
+        ),
+        "workers nesterov": lambda: lo.lookahead(
+            optax.adam(1e-4), k=ARGS.k, workers=n, outer=nesterov
+        ),
+        "workers nesterov, no stats": lambda: lo.lookahead(
+            optax.adam(1e-4), k=ARGS.k, workers=n, outer=nesterov, sync_stats=False
+        ),
+    }
+    results = {
+        "config": {
+            "devices": n,
+            "emulated_cpu_devices": jax.default_backend() == "cpu",
+            "params": per_leaf * n * ARGS.leaves,
+            "leaves": ARGS.leaves,
+            "leaf_shape": [n, per_leaf],
+            "k": ARGS.k,
+            "rounds": ARGS.rounds,
+            "steps_per_round": ARGS.steps,
+        },
+        "machine": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "backend": jax.default_backend(),
+            "cpu_cores": os.cpu_count(),
+            "load_average": os.getloadavg(),
+        },
+        "meshes": {},
+    }
+    for axis_type in (AxisType.Explicit, AxisType.Auto):
+        mesh = jax.make_mesh((n,), ("workers",), axis_types=(axis_type,))
+        sharding = NamedSharding(mesh, PartitionSpec("workers"))
+        params = {
+            f"w{i}": jax.device_put(np.full((n, per_leaf), 0.01 * (i + 1), np.float32), sharding)
+            for i in range(ARGS.leaves)
+        }
+        grads = jax.tree.map(lambda p: p * 0 + 1e-3, params)
+        slow_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) // n
+        runs, rows = {}, {}
+        with jax.set_mesh(mesh):
+            for name, make in makers.items():
+                tx = make()
+                state = jax.jit(tx.init)(jax.tree.map(jnp_copy, params))
+
+                def step(params, state, grads, tx=tx):
+                    updates, state = tx.update(grads, state, params)
+                    return optax.apply_updates(params, updates), state
+
+                compiled = (
+                    jax.jit(step, donate_argnums=(0, 1))
+                    .lower(jax.tree.map(jnp_copy, params), state, grads)
+                    .compile()
+                )
+                hlo = compiled.as_text()
+                collective = _hlo.collective_bytes(hlo)
+                sync_bytes = max((max(b) for b in collective["branches"]), default=0)
+                rows[name] = {
+                    "temp_bytes_per_device": int(compiled.memory_analysis().temp_size_in_bytes),
+                    "every_step_collective_bytes": collective["every_step"],
+                    "sync_all_reduce_bytes": sync_bytes,
+                    "sync_all_reduce_vs_slow_bytes": sync_bytes / slow_bytes,
+                    "collective_ops": collective["ops"],
+                }
+                runs[name] = [compiled, jax.tree.map(jnp_copy, params), state, grads]
+            seconds = {name: [] for name in runs}
+            for run in runs.values():  # warm-up
+                time_block(run, ARGS.k)
+            for r in range(ARGS.rounds):
+                names = list(runs)[r % len(runs) :] + list(runs)[: r % len(runs)]
+                for name in names:
+                    seconds[name].append(time_block(runs[name], ARGS.steps))
+        base = seconds["vmap(adam)"]
+        for name in runs:
+            ratios = [a / b for a, b in zip(seconds[name], base)]
+            rows[name]["step_median_s"] = statistics.median(seconds[name])
+            rows[name]["ratio_vs_vmap_adam"] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
+        results["meshes"][str(axis_type).split(".")[-1]] = rows
+        del runs
+    results["machine"]["load_average_after"] = os.getloadavg()
+    ARGS.out.parent.mkdir(parents=True, exist_ok=True)
+    ARGS.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['config']['params'] / 1e6:.0f}M float32 params, {n} workers on {n} devices")
+    print("| mesh | contender | k-mean / vmap(adam) | sync all-reduce (x slow) | temp/device |")
+    print("|---|---|---|---|---|")
+    for mesh_name, rows in results["meshes"].items():
+        for name, row in rows.items():
+            ratio = row["ratio_vs_vmap_adam"]
+            print(
+                f"| {mesh_name} | {name} | {ratio['median']:.2f}x ({ratio['min']:.2f}-"
+                f"{ratio['max']:.2f}) | {row['sync_all_reduce_vs_slow_bytes']:.2f} "
+                f"| {row['temp_bytes_per_device'] / 2**20:.1f} MiB |"
+            )
+    print(f"wrote {ARGS.out}")
+
+
+def jnp_copy(x):
+    return x.copy()
+
+
+def time_block(run: list, steps: int) -> float:
+    """Seconds per step of ``steps`` steps of ``run`` = [compiled, params, state, grads]."""
+    compiled, params, state, grads = run
+    jax.block_until_ready((params, state))
+    start = time.perf_counter()
+    for _ in range(steps):
+        params, state = compiled(params, state, grads)
+    jax.block_until_ready((params, state))
+    run[1], run[2] = params, state
+    return (time.perf_counter() - start) / steps
+
+
 if __name__ == "__main__":
-    main()
+    workers_main() if ARGS.workers else main()

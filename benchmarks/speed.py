@@ -29,6 +29,20 @@ synthetic data, with the same interleaving.
     python benchmarks/speed.py --sizes 16M/8 --inners adam --rounds 21
     python benchmarks/speed.py --loop 4       # 4 sync periods per call: device time,
                                               # the per-call dispatch amortised away
+    python benchmarks/speed.py --two-loop --before 4f29a95   # outer optimizers and workers
+
+``--two-loop`` times the two-loop family at 16M/8 (``--sizes`` to change) through
+``tx.update``: alpha, ``outer=`` SGD, heavy ball, Nesterov and Adam against Adam, and
+``workers=4`` (alpha and Nesterov, statistics on and off) against Adam vmapped over the
+4 workers. ``k`` reaches each lookahead as a traced scalar, so one executable serves
+three cases, each block starting a cycle: every step a sync (k = 1), no sync
+(k = 2**30), and the k-step mean (``--k``). Beside each: the compiled temp bytes, and
+the bytes the sync step's and the non-sync step's instructions read and write (from the
+HLO, in passes over the params: one pass = the params' bytes, all workers' for
+workers) against the bound: the inner step's passes plus reading and writing the slow
+weights and every params-shaped leaf of the outer state once. ``--before COMMIT`` adds
+the same contenders built from the library at that commit (``git archive``, imported
+under another name), timed in the same rounds.
 
 Results go to ``benchmarks/results/speed-<platform>.json`` (``--out`` to change).
 """
@@ -113,12 +127,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-batch", type=int, default=None)
     parser.add_argument("--e2e-width", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="small sizes and few rounds")
+    parser.add_argument(
+        "--two-loop", action="store_true", help="outer optimizers and workers (see above)"
+    )
+    parser.add_argument("--workers", type=int, default=4, help="workers of --two-loop")
+    parser.add_argument(
+        "--block-steps", type=int, default=2, help="--two-loop: sync periods per timed block"
+    )
+    parser.add_argument(
+        "--before", default=None, help="--two-loop: also the library at this git commit"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
     # Options given on the command line win over these defaults.
     defaults = dict(
         sizes="16M/8,2M/64", rounds=21, block_seconds=0.25, e2e_batch=512, e2e_width=1024
     )
+    if args.two_loop:
+        defaults.update(rounds=7)
     if args.quick:
         defaults.update(
             sizes="256K/8,64K/16", rounds=3, block_seconds=0.02, e2e_batch=32, e2e_width=64
@@ -393,6 +419,300 @@ def bench_end_to_end(args, progress) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------- two-loop: outer optimizers, workers
+
+
+def library_at(commit: str) -> Any:
+    """The lookahead_optax package of ``commit``, imported as ``lookahead_optax_before``."""
+    import importlib
+    import re
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit, "lookahead_optax"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    dest = Path(tempfile.mkdtemp(prefix="lookahead_before_"))
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    package = dest / "lookahead_optax_before"
+    (dest / "lookahead_optax").rename(package)
+    for path in package.rglob("*.py"):
+        text = re.sub(r"\blookahead_optax\b", "lookahead_optax_before", path.read_text())
+        path.write_text(text)
+    sys.path.insert(0, str(dest))
+    return importlib.import_module("lookahead_optax_before")
+
+
+def two_loop_contenders(workers: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """Group -> contender -> lookahead keyword arguments (callables: built per call)."""
+
+    def nesterov():
+        return optax.sgd(0.7, momentum=0.9, nesterov=True)
+
+    return {
+        "single": {
+            "alpha": {},
+            "outer=sgd": dict(outer=lambda: optax.sgd(0.5)),
+            "heavy ball": dict(outer=lambda: optax.sgd(0.7, momentum=0.9)),
+            "nesterov": dict(outer=nesterov),
+            "outer=adam": dict(outer=lambda: optax.adam(0.1)),
+        },
+        "workers": {
+            "workers alpha": dict(workers=workers),
+            "workers alpha, no stats": dict(workers=workers, sync_stats=False),
+            "workers nesterov": dict(workers=workers, outer=nesterov),
+            "workers nesterov, no stats": dict(workers=workers, outer=nesterov, sync_stats=False),
+        },
+    }
+
+
+def vmapped(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` on every worker: vmapped over the leading axis of params, grads, state."""
+    return optax.GradientTransformation(jax.vmap(inner.init), jax.vmap(inner.update))
+
+
+def step_traffic(hlo: str, min_bytes: int) -> dict[str, float]:
+    """Bytes read and written by the non-sync step (the program less the sync branch) and
+    the sync step (with it), from the compiled HLO (benchmarks/_hlo.py)."""
+    from _hlo import computations, entry, sync_branch_traffic, traffic
+
+    module = computations(hlo)
+    base = traffic(module[entry(hlo)], min_bytes, module)
+    try:
+        branch = sync_branch_traffic(hlo, min_bytes)
+    except ValueError:  # no conditional: the inner step
+        branch = {"read": 0, "written": 0}
+    return {
+        "non-sync": base["read"] + base["written"],
+        "sync": base["read"] + base["written"] + branch["read"] + branch["written"],
+        "sync_branch_read": branch["read"],
+        "sync_branch_written": branch["written"],
+    }
+
+
+class TwoLoopRunner:
+    """One contender's donated params and state and its one executable (k traced)."""
+
+    def __init__(self, make_tx, params, grads, lookahead: bool):
+        self.make_tx, self.grads, self.lookahead = make_tx, grads, lookahead
+        self.params = jax.tree.map(jnp.copy, params)
+        self.opt_state = make_tx(5).init(self.params)
+
+        def step(params, opt_state, grads, k):
+            updates, opt_state = make_tx(k).update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        start = time.perf_counter()
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
+            self.params, self.opt_state, grads, jnp.int32(5)
+        )
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        self.cpu_seconds: dict[int, list[float]] = {}
+
+    def run(self, k: int, steps: int) -> float:
+        """Seconds per step of a block of ``steps`` steps that starts a cycle of length k."""
+        if self.lookahead:
+            self.opt_state = self.opt_state._replace(
+                count=jnp.zeros([], jnp.int32), period=jnp.asarray(k, jnp.int32)
+            )
+        params, opt_state, kk = self.params, self.opt_state, jnp.int32(k)
+        jax.block_until_ready((params, opt_state))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            params, opt_state = self.compiled(params, opt_state, self.grads, kk)
+        jax.block_until_ready((params, opt_state))
+        self.params, self.opt_state = params, opt_state
+        self.cpu_seconds.setdefault(k, []).append((time.process_time() - start_cpu) / steps)
+        return (time.perf_counter() - start) / steps
+
+
+def bench_two_loop_group(group, contenders, libraries, total, leaves, args, progress, mesh=None):
+    """Interleaved rounds of one group (single / workers) against its inner step.
+
+    ``mesh``: the workers' params sharded over its "workers" axis (every program traced
+    under it), else on the default device.
+    """
+    import contextlib
+
+    workers = args.workers if group == "workers" else None
+    per_leaf = total // leaves
+    shape = (per_leaf,) if workers is None else (workers, per_leaf // workers)
+    params = {f"w{i:02d}": jnp.full(shape, 0.01 * (i + 1), jnp.float32) for i in range(leaves)}
+    if mesh is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("workers"))
+        params = jax.device_put(params, sharding)
+    tracing = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with tracing:
+        return _bench_two_loop_group(
+            group, contenders, libraries, params, workers, total, leaves, args, progress
+        )
+
+
+def _bench_two_loop_group(group, contenders, libraries, params, workers, total, leaves, args,
+                          progress):  # fmt: skip
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    params_bytes = tree_bytes(params)
+    min_bytes = min(x.nbytes for x in jax.tree.leaves(params)) // (workers or 1)
+    inner_name = "adam" if workers is None else f"vmap(adam) over {workers}"
+
+    def inner_tx(k):
+        return optax.adam(1e-4) if workers is None else vmapped(optax.adam(1e-4))
+
+    runners = {inner_name: TwoLoopRunner(inner_tx, params, grads, lookahead=False)}
+    for label, lib in libraries.items():
+        for name, kwargs in contenders.items():
+            if lib is not lo and "sync_stats" in kwargs:
+                continue  # no such option before
+
+            def make_tx(k, lib=lib, kwargs=kwargs):
+                built = {key: v() if callable(v) else v for key, v in kwargs.items()}
+                return lib.lookahead(optax.adam(1e-4), k=k, **built)
+
+            key = name if lib is lo else f"{name} ({label})"
+            runners[key] = TwoLoopRunner(make_tx, params, grads, lookahead=True)
+    cases = {"sync step": 1, "non-sync step": 2**30, f"k={args.k} mean": args.k}
+    steps = args.block_steps * args.k
+    for runner in runners.values():  # warm up every case
+        for k in cases.values():
+            runner.run(k, args.k)
+    seconds: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+    names = list(runners)
+    for r in range(args.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            for case, k in cases.items() if name != inner_name else [("step", args.k)]:
+                seconds[name].setdefault(case, []).append(runners[name].run(k, steps))
+                progress.update(1)
+    inner = seconds[inner_name]["step"]
+    inner_cpu = runners[inner_name].cpu_seconds[args.k][1:]  # after the warm-up block
+    inner_traffic = step_traffic(runners[inner_name].compiled.as_text(), min_bytes)["non-sync"]
+    slow_bytes = params_bytes // (workers or 1)
+    result = {
+        "group": group,
+        "mesh": None if mesh_of(params) is None else str(mesh_of(params)),
+        "inner": inner_name,
+        "params": total,
+        "leaves": leaves,
+        "params_bytes": params_bytes,
+        "steps_per_block": steps,
+        "inner_step_s": time_summary(inner),
+        "inner_passes": inner_traffic / params_bytes,
+        "contenders": {},
+    }
+    for name, runner in runners.items():
+        if name == inner_name:
+            continue
+        traffic = step_traffic(runner.compiled.as_text(), min_bytes)
+        outer_state = runner.opt_state.outer_state
+        outer_bytes = sum(x.nbytes for x in jax.tree.leaves(outer_state) if x.nbytes >= min_bytes)
+        bound_sync = inner_traffic + 2 * slow_bytes + 2 * outer_bytes
+        entry = {
+            "compile_s": runner.compile_s,
+            "temp_bytes": int(runner.compiled.memory_analysis().temp_size_in_bytes),
+            "temp_vs_params": runner.compiled.memory_analysis().temp_size_in_bytes / params_bytes,
+            "passes": {
+                "sync": traffic["sync"] / params_bytes,
+                "non-sync": traffic["non-sync"] / params_bytes,
+                "sync_branch_read": traffic["sync_branch_read"] / params_bytes,
+                "sync_branch_written": traffic["sync_branch_written"] / params_bytes,
+                "bound_sync": bound_sync / params_bytes,
+                "bound_non_sync": inner_traffic / params_bytes,
+            },
+            "cases": {},
+        }
+        for case, k in cases.items():
+            cpu = runner.cpu_seconds[k][1:]  # after the warm-up block
+            entry["cases"][case] = {
+                "time": time_summary(seconds[name][case]),
+                "ratio_vs_inner": ratio_summary(seconds[name][case], inner),
+                "cpu_ratio_vs_inner": ratio_summary(cpu, inner_cpu),
+            }
+        result["contenders"][name] = entry
+    return result
+
+
+def mesh_of(params: Any) -> Any:
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return getattr(sharding, "mesh", None)
+
+
+def format_two_loop(results: list[dict[str, Any]], k: int) -> str:
+    def ratio(r):
+        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+
+    lines = [
+        f"| contender | inner step | k={k} mean / inner | sync step / inner | non-sync / inner "
+        "| CPU time k-mean | temp (x params) | sync step passes (bound) | non-sync passes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        inner = f"{r['inner']} {r['inner_step_s']['median_s'] * 1e3:.1f} ms"
+        for name, c in r["contenders"].items():
+            cases = c["cases"]
+            passes = c["passes"]
+            lines.append(
+                f"| {name} | {inner} | {ratio(cases[f'k={k} mean']['ratio_vs_inner'])} "
+                f"| {ratio(cases['sync step']['ratio_vs_inner'])} "
+                f"| {ratio(cases['non-sync step']['ratio_vs_inner'])} "
+                f"| {cases[f'k={k} mean']['cpu_ratio_vs_inner']['median']:.2f}x "
+                f"| {c['temp_vs_params']:.2f} "
+                f"| {passes['sync']:.2f} ({passes['bound_sync']:.2f}) "
+                f"| {passes['non-sync']:.2f} ({passes['bound_non_sync']:.2f}) |"
+            )
+    return "\n".join(lines)
+
+
+def two_loop_main(args) -> dict[str, Any]:
+    import os
+
+    info = machine_info()
+    sizes = args.sizes if args.sizes != "16M/8,2M/64" else "16M/8"
+    total, leaves = parse_size(sizes.split(",")[0])
+    libraries = {"after": lo}
+    if args.before:
+        libraries[f"before {args.before}"] = library_at(args.before)
+    groups = two_loop_contenders(args.workers)
+    load_before = os.getloadavg()
+    results = []
+    count = sum(len(g) * len(libraries) * 3 + 1 for g in groups.values()) * args.rounds
+    with tqdm(total=count, desc="two-loop", unit="block") as progress:
+        for group, contenders in groups.items():
+            results.append(
+                bench_two_loop_group(group, contenders, libraries, total, leaves, args, progress)
+            )
+    report = {
+        "machine": info,
+        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "config": {
+            "k": args.k,
+            "rounds": args.rounds,
+            "block_steps": args.block_steps * args.k,
+            "workers": args.workers,
+            "before": args.before,
+        },
+        "results": results,
+    }
+    out = args.out or (
+        Path(__file__).resolve().parent / "results" / f"speed-two-loop-{info['platform']}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    table = format_two_loop(results, args.k)
+    out.with_suffix(".md").write_text(
+        f"`{report['command']}`\n\njax {info['jax']}, {info['cpu']} ({info['cpu_cores']} cores), "
+        f"load average {load_before[0]:.1f} before, {report['load_average']['after'][0]:.1f} "
+        f"after; {args.rounds} rounds, medians (min-max) of per-round ratios.\n\n{table}\n"
+    )
+    print(table)
+    print(f"wrote {out}")
+    return report
+
+
 # -------------------------------------------------------------------------- report
 
 
@@ -462,6 +782,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.two_loop:
+        return two_loop_main(args)
     info = machine_info()
     configs = (
         []
