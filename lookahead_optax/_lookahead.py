@@ -493,7 +493,7 @@ def _overlapped(config, state, parts, params, outer_step, syncs):
     residuals = [_select(part, state.residual) if feedback else None for part in parts]
     new_parts, outer_out, flights, stats, residuals = _steps.run_overlapped(
         sends, syncs, parts, flights, _unpack(state.outer_state, config), state.sync_stats,
-        residuals, send_part, apply_part,
+        residuals, send_part, apply_part, sends_first=config.overlap == 1,
     )  # fmt: skip
     residual = _merge(state.residual, residuals) if feedback else state.residual
     return new_parts, outer_out, stats, _merge(state.in_flight, flights), residual

@@ -122,6 +122,7 @@ def run_overlapped(
     residuals: list[Any],
     send_part: Callable[..., tuple[Any, Any, Any]],
     apply_part: Callable[..., tuple[Any, Any]],
+    sends_first: bool = True,
 ) -> tuple[list[Any], list[Any], list[Any], Any, list[Any]]:
     """The sends and syncs of an overlapped lookahead (``overlap > 0``), one cond each.
 
@@ -129,27 +130,41 @@ def run_overlapped(
     params and slow weights only; a sync (``apply_part(j, average, outer_state) -> (slow
     part, outer_state)``) reads the average in flight and the outer state only. Neither
     recomputes nor gates the inner step (notes 1 and 3 do not apply): the inner step runs
-    once, outside, and no cond's result feeds it. Sends come first: with ``overlap == 1``
-    a fragment is sent and synced on the same call.
+    once, outside, and no cond's result feeds it. With ``overlap == 1`` a fragment is sent
+    and synced on the same call, so the sends come first (``sends_first``); with ``overlap
+    >= 2`` no call syncs what it sends, the syncs come first and read the averages of the
+    state: nothing of the sending call reads its collective's result but the new state.
     Returns the new parts, outer states, averages in flight, stats and residuals.
     """
     new_parts, new_outer = list(parts), list(outer_states)
     in_flight, residuals = list(in_flight), list(residuals)
-    for j, part in enumerate(parts):
-        if is_empty(part):
-            continue
-        kept = (in_flight[j], stats, residuals[j])
-        in_flight[j], stats, residuals[j] = jax.lax.cond(
-            sends[j],
-            lambda j=j, stats=stats: send_part(j, stats, residuals[j]),
-            lambda kept=kept: kept,
-        )
-    for j, part in enumerate(parts):
-        if is_empty(part):
-            continue
-        new_parts[j], new_outer[j] = jax.lax.cond(
-            syncs[j],
-            lambda j=j: apply_part(j, in_flight[j], outer_states[j]),
-            lambda j=j: (parts[j], outer_states[j]),
-        )
+
+    def send_all(stats: Any) -> Any:
+        for j, part in enumerate(parts):
+            if is_empty(part):
+                continue
+            kept = (in_flight[j], stats, residuals[j])
+            in_flight[j], stats, residuals[j] = jax.lax.cond(
+                sends[j],
+                lambda j=j, stats=stats: send_part(j, stats, residuals[j]),
+                lambda kept=kept: kept,
+            )
+        return stats
+
+    def apply_all() -> None:
+        for j, part in enumerate(parts):
+            if is_empty(part):
+                continue
+            new_parts[j], new_outer[j] = jax.lax.cond(
+                syncs[j],
+                lambda j=j: apply_part(j, in_flight[j], outer_states[j]),
+                lambda j=j: (parts[j], outer_states[j]),
+            )
+
+    if sends_first:
+        stats = send_all(stats)
+        apply_all()
+    else:
+        apply_all()
+        stats = send_all(stats)
     return new_parts, new_outer, in_flight, stats, residuals

@@ -220,7 +220,90 @@ def test_a_state_made_without_overlap_is_refused_by_name():
     params = {"w": jnp.ones(3)}
     plain = lo.lookahead(optax.sgd(0.1), k=4)
     overlapped = lo.lookahead(optax.sgd(0.1), k=4, overlap=1)
-    with pytest.raises(ValueError, match="this lookahead has overlap=1, the state was made without"):
+    with pytest.raises(
+        ValueError, match="this lookahead has overlap=1, the state was made without"
+    ):
         overlapped.update(params, plain.init(params), params)
     with pytest.raises(ValueError, match="overlap=0, the state was made with overlap > 0"):
         plain.update(params, overlapped.init(params), params)
+
+
+def _body_users(text):
+    """Instruction name -> (op, names of the instructions that read it), in one computation."""
+    import re
+
+    from benchmarks import _hlo
+
+    ops, users = {}, {}
+    for name, _, op, args in _hlo._INSTRUCTION.findall(text):
+        ops[name] = op
+        for operand in re.findall(r"%([\w.\-]+)", args):
+            users.setdefault(operand, []).append(name)
+    return ops, users
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("communication_dtype", [None, jnp.int8])
+def test_in_a_scan_nothing_of_the_sending_step_waits_for_the_collective(communication_dtype):
+    """A lax.scan over 2k steps, 8 workers sharded over 8 devices, overlap 2: in the scan's
+    body the conditionals that hold the collectives (the sends) are read only by the loop
+    carry (the state's in_flight and stats) and by each other (the stats record threads
+    through both fragments' sends): no inner step, landing or sync of that step reads
+    their result. The next steps read it through the sync's conditional."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from benchmarks import _hlo
+
+    n, k = 8, 8
+    tx = lo.lookahead(
+        optax.adam(0.01), k=k, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), workers=n,
+        fragments=2, overlap=2, communication_dtype=communication_dtype,
+    )  # fmt: skip
+    mesh = jax.make_mesh((n,), ("workers",), axis_types=(AxisType.Explicit,))
+    sharding = NamedSharding(mesh, PartitionSpec("workers"))
+    params = jax.device_put(lo.replicate({"a": jnp.ones((64, 32)), "b": jnp.ones((32, 16))}, n),
+                            sharding)  # fmt: skip
+
+    def program(params, state, data):
+        def body(carry, x):
+            params, state = carry
+            grads = jax.tree.map(lambda p: p * x, params)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(body, (params, state), data)[0]
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(tx.init)(params)
+        hlo = jax.jit(program).lower(params, state, jnp.linspace(0.5, 1.5, 2 * k)).compile()
+        hlo = hlo.as_text()
+    module = _hlo.computations(hlo)
+    (body,) = [b for text in module.values() for b in _hlo._loop_bodies(text)]
+    ops, users = _body_users(module[body])
+    holders = [
+        name
+        for name, op in ops.items()
+        if op == "conditional"
+        and _hlo.count_collectives(_branches_text(module, module[body], name))
+    ]
+    assert len(holders) == 2, holders  # one send per fragment
+    for holder in holders:
+        seen, stack = set(), [holder]
+        while stack:
+            for user in users.get(stack.pop(), []):
+                if user not in seen:
+                    seen.add(user)
+                    stack.append(user)
+        readers = {ops[name] for name in seen} - {"get-tuple-element", "tuple"}
+        assert readers <= {"conditional"}, readers
+        assert {name for name in seen if ops[name] == "conditional"} <= set(holders)
+
+
+def _branches_text(module, body_text, name):
+    """The text reached from the branches of the conditional ``name`` in ``body_text``."""
+    import re
+
+    from benchmarks import _hlo
+
+    line = next(x for x in body_text.splitlines() if re.match(rf"\s*%{re.escape(name)} = ", x))
+    return "\n".join(_hlo.reachable(module, b) for group in _hlo.branches(line) for b in group)
