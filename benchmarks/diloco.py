@@ -348,7 +348,9 @@ class Runner:
             self.tx = inner
         else:
             outer = outer_optimizer(method["kind"])
-            self.tx = lo.lookahead(inner, k=method["k"], outer=outer, workers=WORKERS)
+            options = {name: COMM_DTYPES.get(value, value) if name == "communication_dtype"
+                       else value for name, value in method.get("options", {}).items()}  # fmt: skip
+            self.tx = lo.lookahead(inner, k=method["k"], outer=outer, workers=WORKERS, **options)
         self.init = jax.jit(self.tx.init)
         params = self.place(task.init(0))
         xs, ys = task.batches(0, 1, cfg["batch_size"])
@@ -888,6 +890,127 @@ def outer_sweep(quick: bool, command: str, progress: bool) -> dict:
 # ------------------------------------------------------------------------------ main
 
 
+# --------------------------------------------------------------------------- --comm
+# Compression and overlap (digits, DiLoCo k=20 at its tuned inner lr, 400 steps, 3 seeds): the
+# quantized exchange (int8, fp8 e4m3, each with and without error feedback; 256 values per
+# scale) and overlapped syncs (tau = 1 and k / 2 = 10, mixing 0 and 0.5), against the f32
+# exchange and DP. Bytes are wire bytes per device from each compiled step's collectives: a
+# ring all-reduce sends 2 (N - 1) / N of its buffer, an all-to-all and an all-gather (N - 1) / N.
+COMM_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+COMM_K = 20
+COMM_POINTS = (
+    ("f32", "DiLoCo f32", {}),
+    ("int8", "int8", {"communication_dtype": "int8"}),
+    ("int8_ef", "int8 + error feedback", {"communication_dtype": "int8", "error_feedback": True}),
+    ("fp8", "fp8 e4m3", {"communication_dtype": "fp8"}),
+    ("fp8_ef", "fp8 e4m3 + error feedback", {"communication_dtype": "fp8", "error_feedback": True}),
+    ("tau1_a0", "overlap 1, mixing 0", {"overlap": 1}),
+    ("tau1_a05", "overlap 1, mixing 0.5", {"overlap": 1, "mixing": 0.5}),
+    ("tauhalf_a0", "overlap k/2, mixing 0", {"overlap": "half"}),
+    ("tauhalf_a05", "overlap k/2, mixing 0.5", {"overlap": "half", "mixing": 0.5}),
+)
+QUICK_COMM = {"steps": 8, "batch_size": 4, "k": 4, "seeds": 1, "eval_every": 4,
+              "weight_decay": 1e-4}  # fmt: skip
+
+
+def wire_bytes(hlo: str) -> float:
+    """Bytes a device sends for the collectives of one compiled program's text (every op
+    counted once): ring all-reduce 2 (N - 1) / N of its buffer, the others (N - 1) / N."""
+    from _hlo import collective_ops
+
+    factor = {"all-reduce": 2 * (WORKERS - 1) / WORKERS}
+    return sum(factor.get(op, (WORKERS - 1) / WORKERS) * size for op, size in collective_ops(hlo))
+
+
+def comm_sweep(quick: bool, mesh, progress: bool) -> dict:
+    from _hlo import collective_ops
+
+    cfg = dict(QUICK_COMM if quick else {**DIGITS, "k": COMM_K})
+    k = cfg.pop("k")
+    cfg["ks"] = (k,)
+    task = DigitsTask()
+    methods = {"dp": {"kind": "dp", "k": None, "lr": TUNED["dp"], "label": "DP AdamW"}}
+    for name, label, options in COMM_POINTS:
+        options = dict(options)
+        if options.get("overlap") == "half":
+            options["overlap"] = k // 2
+        label = label.replace("k/2", str(k // 2))
+        methods[name] = {"kind": "nesterov", "k": k, "lr": TUNED.get(f"nesterov_k{k}", 1e-4),
+                         "label": label, "options": options}  # fmt: skip
+    results, start = {}, time.perf_counter()
+    for name, method in methods.items():
+        runner = Runner(task, method, cfg, mesh)
+        hlo = runner.step.as_text()
+        wire = wire_bytes(hlo)
+        runs = [runner.train(seed) for seed in range(cfg["seeds"])]
+        executions = cfg["steps"] if method["kind"] == "dp" else runs[0]["hlo"]["syncs"]
+        results[name] = {
+            **method,
+            "loss": summarise([r["final"]["loss"] for r in runs]),
+            "accuracy": summarise([r["final"]["accuracy"] for r in runs]),
+            "wire_bytes_per_execution": wire, "executions": executions,
+            "wire_bytes": wire * executions,
+            "collectives": sorted({op for op, _ in collective_ops(hlo)}),
+        }  # fmt: skip
+        if progress:
+            r = results[name]
+            print(f"  {name:12s} loss {_fmt(r['loss'])}  {r['wire_bytes'] / 1e6:8.3f} MB "
+                  f"{r['collectives']}", flush=True)  # fmt: skip
+    return {"config": dict(cfg, k=k), "num_params": task.num_params, "methods": results,
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def comm_markdown(report: dict, command: str) -> str:
+    cfg = report["config"]
+    base = report["methods"]["f32"]
+    lines = [f"Command: `{command}`", "",
+             f"digits, {WORKERS} workers, {cfg['steps']} steps, per-worker batch "
+             f"{cfg['batch_size']}, DiLoCo k={cfg['k']} (Nesterov 0.7/0.9, inner AdamW "
+             f"{base['lr']:g}), {cfg['seeds']} seeds; {report['num_params']:,} parameters; "
+             f"{report['seconds']:.0f} s.", "",
+             "| Method | Held-out loss | Accuracy (%) | Loss - f32 (paired) | Wire bytes/device "
+             "| x f32 | Collectives |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for result in report["methods"].values():
+        diff = np.asarray(result["loss"]["per_seed"]) - np.asarray(base["loss"]["per_seed"])
+        diff_text = "—" if result["kind"] == "dp" else f"{diff.mean():+.4f} ± {diff.std():.4f}"
+        lines.append(
+            f"| {result['label']} | {_fmt(result['loss'])} | "
+            f"{_fmt(result['accuracy'], 2, 100)} | {diff_text} | {result['wire_bytes']:,.0f} | "
+            f"{result['wire_bytes'] / base['wire_bytes']:.3f} | {', '.join(result['collectives'])} |"
+        )  # fmt: skip
+    lines += ["", "Mean ± sample std over seeds (paired differences: mean ± std over seeds), at "
+              "equal steps and examples; DiLoCo at its slow weights. Wire bytes: each compiled "
+              "step's collectives (HLO) times the executions of the branch holding them (the "
+              "syncs; DP: every step), a ring all-reduce counted 2 (N - 1) / N of its buffer, "
+              "an all-to-all or all-gather (N - 1) / N.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def comm_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"dp": ("black", "s"), "f32": ("tab:blue", "o"), "int8": ("tab:green", "v"),
+              "int8_ef": ("tab:green", "^"), "fp8": ("tab:red", "v"),
+              "fp8_ef": ("tab:red", "^")}  # fmt: skip
+    for name, result in report["methods"].items():
+        colour, marker = styles.get(name, ("tab:purple", "D" if "a05" in name else "d"))
+        ax.errorbar(result["wire_bytes"], result["loss"]["mean"], yerr=result["loss"]["std"],
+                    fmt=marker, color=colour, label=result["label"], ms=7, capsize=3)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per device (wire, from the compiled HLO)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(f"digits: DiLoCo k={report['config']['k']}, compressed and overlapped syncs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("digits", "lm", "all"), default="all")
@@ -901,6 +1024,9 @@ def main(argv=None) -> dict:
                         "added to <out>/diloco_tune.json if it exists")  # fmt: skip
     parser.add_argument("--replot", action="store_true",
                         help="rewrite the .md and .png from the .json in --out")  # fmt: skip
+    parser.add_argument("--comm", action="store_true",
+                        help="digits: int8/fp8 exchange (with and without error feedback) and "
+                        "overlapped syncs against f32 DiLoCo and DP")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -915,6 +1041,19 @@ def main(argv=None) -> dict:
     mesh = jax.make_mesh((WORKERS,), ("workers",), devices=jax.devices()[:WORKERS])
     progress = not args.no_progress
     start = time.perf_counter()
+    if args.comm:
+        stem = "diloco_comm" + "_quick" * args.quick
+        if args.replot:
+            report = json.loads((out / f"{stem}.json").read_text())
+        else:
+            report = comm_sweep(args.quick, mesh, progress)
+            report["command"] = command
+            (out / f"{stem}.json").write_text(json.dumps(_jsonable(report), indent=1))
+        text = comm_markdown(report, report["command"])
+        (out / f"{stem}.md").write_text(text)
+        comm_plot(report, out / f"{stem}.png")
+        print(text)
+        return report
     if args.outer_sweep:
         stem = "diloco_outer" + "_quick" * args.quick
         if args.replot:
