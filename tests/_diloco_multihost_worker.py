@@ -1,6 +1,9 @@
 """One process of the DiLoCo run over jax.distributed started by tests/test_workers_multihost.py.
 
-Usage: python _diloco_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+Usage: python _diloco_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR [CONFIG]
+
+CONFIG: "plain" (default) or "quantized_overlap" (int8 exchange with error feedback, overlap 1,
+mixing 0.5: see make_optimizer).
 
 Each process is a "host" with LOCAL_DEVICES CPU devices, each device one DiLoCo worker:
 params carry a leading worker axis sharded over a mesh of all the processes' devices, every
@@ -35,10 +38,14 @@ def make_problem():
     return params, inputs, targets
 
 
-def make_optimizer():
-    return lo.lookahead(
-        optax.adam(0.05), k=K, workers=WORKERS, outer=optax.sgd(0.7, momentum=0.9, nesterov=True)
-    )
+def make_optimizer(config: str = "plain"):
+    outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+    if config == "quantized_overlap":
+        return lo.lookahead(
+            optax.adam(0.05), k=K, workers=WORKERS, outer=outer, overlap=1, mixing=0.5,
+            communication_dtype=jnp.int8, communication_block=8, error_feedback=True,
+        )  # fmt: skip
+    return lo.lookahead(optax.adam(0.05), k=K, workers=WORKERS, outer=outer)
 
 
 def loss_fn(params, inputs, targets):
@@ -56,7 +63,7 @@ def make_train_step(tx):
     return train_step
 
 
-def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
+def main(process_id: int, num_processes: int, port: int, out_dir: str, config: str) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     _gloo_on_loopback()
@@ -78,7 +85,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         def local(x):  # this process's workers' rows of a worker-major array
             return jax.make_array_from_process_local_data(on_workers, x[mine])
 
-        tx = make_optimizer()
+        tx = make_optimizer(config)
         params = jax.tree.map(local, lo.replicate(params, WORKERS))
         opt_state = jax.jit(tx.init)(params)
         step = jax.jit(make_train_step(tx))
@@ -101,4 +108,5 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+         sys.argv[5] if len(sys.argv) > 5 else "plain")  # fmt: skip

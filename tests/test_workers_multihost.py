@@ -30,7 +30,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(out_dir: str) -> tuple[bool, str]:
+def _run(out_dir: str, config: str = "plain") -> tuple[bool, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={worker.LOCAL_DEVICES}"
     env["JAX_PLATFORMS"] = "cpu"
@@ -40,7 +40,7 @@ def _run(out_dir: str) -> tuple[bool, str]:
     try:
         for process_id in range(worker.NUM_PROCESSES):
             command = [sys.executable, worker.__file__, str(process_id),
-                       str(worker.NUM_PROCESSES), port, out_dir]  # fmt: skip
+                       str(worker.NUM_PROCESSES), port, out_dir, config]  # fmt: skip
             processes.append(
                 subprocess.Popen(
                     command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -57,16 +57,17 @@ def _run(out_dir: str) -> tuple[bool, str]:
                 process.wait()
 
 
-def test_workers_on_two_processes_match_one_device(tmp_path):
+@pytest.mark.parametrize("config", ["plain", "quantized_overlap"])
+def test_workers_on_two_processes_match_one_device(tmp_path, config):
     for attempt in range(2):  # the probed port can be taken before the coordinator binds it
-        succeeded, output = _run(str(tmp_path))
+        succeeded, output = _run(str(tmp_path), config)
         if succeeded:
             break
         if "in use" not in output.lower() or attempt == 1:
             raise AssertionError(f"the processes failed:\n{output[-6000:]}")
 
     params, inputs, targets = worker.make_problem()
-    tx = worker.make_optimizer()
+    tx = worker.make_optimizer(config)
     params = jax.device_put(worker.lo.replicate(params, worker.WORKERS), jax.devices()[0])
     opt_state = tx.init(params)
     step = jax.jit(worker.make_train_step(tx))
@@ -91,3 +92,5 @@ def test_workers_on_two_processes_match_one_device(tmp_path):
         entry = entry[: entry.index("\n}\n")]
         assert _COLLECTIVE.search(hlo), "the sync communicates"
         assert not _COLLECTIVE.search(entry), "a collective outside the sync"
+        if config == "quantized_overlap":  # the int8 exchange crosses processes as such
+            assert re.search(r"s8\[[\d,]*\]\S* all-to-all\(", hlo), "an int8 all-to-all"
