@@ -436,7 +436,7 @@ def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None
             )
 
 
-QUANTIZED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
+QUANTIZED_DTYPES = ("int8", "int4", "int2", "float8_e4m3fn", "float8_e5m2")
 
 
 def is_quantized(dtype: Any) -> bool:

@@ -48,22 +48,32 @@ from lookahead_optax._checks import is_quantized
 __all__ = ["is_quantized", "quantized_mean", "qmax", "layout"]
 
 
+def bits(dtype: Any) -> int:
+    """Bits per value on the wire: 8 for int8 and fp8, 4 for int4, 2 for int2."""
+    return {"int4": 4, "int2": 2}.get(jnp.dtype(dtype).name, 8)
+
+
+def is_integer(dtype: Any) -> bool:
+    return jnp.issubdtype(jnp.dtype(dtype), jnp.integer)
+
+
 def qmax(dtype: Any) -> float:
-    """The largest magnitude a block is scaled to: 127 for int8, the largest finite fp8."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.int8:
-        return 127.0
-    return float(jnp.finfo(dtype).max)
+    """The largest magnitude a block is scaled to: 2**(bits - 1) - 1 for the integer types
+    (127, 7, 1; symmetric, so int2 holds -1, 0, 1), the largest finite value for fp8."""
+    if is_integer(dtype):
+        return float(2 ** (bits(dtype) - 1) - 1)
+    return float(jnp.finfo(jnp.dtype(dtype)).max)
 
 
-def layout(total: int, workers: int, block: int) -> tuple[int, int]:
+def layout(total: int, workers: int, block: int, per_byte: int = 1) -> tuple[int, int]:
     """``(chunk, block)``: the values each worker owns, ``ceil(total / workers)`` rounded
     up to a whole number of blocks, and the block used: the ``ceil(chunk / block)``
-    blocks of a chunk are made equal, at most ``block`` values each, so padding is less
-    than one value per block (not up to a block per chunk)."""
+    blocks of a chunk are made equal, at most ``block`` values each (rounded up to a
+    multiple of ``per_byte``, the values packed in one byte), so padding is less than
+    ``per_byte`` values per block (not up to a block per chunk)."""
     per_worker = max(1, math.ceil(total / workers))
     blocks = math.ceil(per_worker / max(1, int(block)))
-    block = math.ceil(per_worker / blocks)
+    block = math.ceil(math.ceil(per_worker / blocks) / per_byte) * per_byte
     return blocks * block, block
 
 
@@ -73,8 +83,9 @@ def quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     top = jnp.max(jnp.abs(x), axis=-1)
     scale = jnp.where(top > 0, top / jnp.float32(qmax(dtype)), jnp.float32(1.0))
     scaled = x / scale[..., None]
-    if jnp.dtype(dtype) == jnp.int8:
-        q = jnp.clip(jnp.round(scaled), -127.0, 127.0).astype(jnp.int8)
+    if is_integer(dtype):  # int4 / int2 values are held as int8 until packed for the wire
+        top = qmax(dtype)
+        q = jnp.clip(jnp.round(scaled), -top, top).astype(jnp.int8)
     else:
         q = scaled.astype(dtype)
     return q, scale
@@ -84,14 +95,32 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     return q.astype(jnp.float32) * scale[..., None]
 
 
-def _wire(q: jax.Array) -> jax.Array:
-    """fp8 travels as its bytes (uint8): XLA:CPU widens fp8 collectives to f16 when it
-    compiles them; int8 travels as it is."""
-    return q if q.dtype == jnp.int8 else jax.lax.bitcast_convert_type(q, jnp.uint8)
+def _wire(q: jax.Array, dtype: Any) -> jax.Array:
+    """What travels: int8 as it is; fp8 as its bytes (uint8: XLA:CPU widens fp8 collectives
+    to f16 when it compiles them); int4 / int2 packed 2 / 4 to a byte along the last axis."""
+    if not is_integer(dtype):
+        return jax.lax.bitcast_convert_type(q, jnp.uint8)
+    width = bits(dtype)
+    if width == 8:
+        return q
+    per_byte = 8 // width
+    u = (q.astype(jnp.int32) & (2**width - 1)).astype(jnp.uint8)
+    u = u.reshape(q.shape[:-1] + (q.shape[-1] // per_byte, per_byte))
+    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * jnp.uint8(width)
+    return jnp.sum(u << shifts, axis=-1, dtype=jnp.uint8)  # disjoint bits: the sum is an or
 
 
-def _unwire(q: jax.Array, dtype: Any) -> jax.Array:
-    return q if q.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(q, dtype)
+def _unwire(p: jax.Array, dtype: Any) -> jax.Array:
+    if not is_integer(dtype):
+        return jax.lax.bitcast_convert_type(p, dtype)
+    width = bits(dtype)
+    if width == 8:
+        return p
+    per_byte = 8 // width
+    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * jnp.uint8(width)
+    v = ((p[..., None] >> shifts) & jnp.uint8(2**width - 1)).astype(jnp.int8)
+    v = jnp.where(v >= 2 ** (width - 1), v - jnp.int8(2**width), v)  # sign
+    return v.reshape(p.shape[:-1] + (p.shape[-1] * per_byte,))
 
 
 def _reduce(
@@ -118,10 +147,10 @@ def _exchange_mesh(x, mesh, axis, workers, chunk, block, dtype, quantize_fn):
     def body(local):
         q, scale = quantize_fn(local)
         # All-to-all: chunk group d (N / D chunks) of every worker goes to device d.
-        q = _unwire(jax.lax.all_to_all(_wire(q), axis, 1, 0, tiled=True), dtype)  # (N, N/D, ...)
+        q = _unwire(jax.lax.all_to_all(_wire(q, dtype), axis, 1, 0, tiled=True), dtype)
         scale = jax.lax.all_to_all(scale, axis, 1, 0, tiled=True)
         q2, s2 = _reduce(q, scale, workers, dtype)  # (N/D, blocks, B): this device's chunks
-        q2 = _unwire(jax.lax.all_gather(_wire(q2), axis, axis=0, tiled=True), dtype)
+        q2 = _unwire(jax.lax.all_gather(_wire(q2, dtype), axis, axis=0, tiled=True), dtype)
         s2 = jax.lax.all_gather(s2, axis, axis=0, tiled=True)
         return dequantize(q2, s2).reshape(-1)
 
@@ -182,7 +211,7 @@ def quantized_mean(flat: list[Any], where: Any, residual: list[Any] | None) -> t
     x = jnp.concatenate(rows, axis=-1) if len(rows) > 1 else rows[0]
     total = sum(sizes)
     workers = where.workers if stacked else jax.lax.axis_size(where.axis_name)
-    chunk, block = layout(total, workers, where.block)
+    chunk, block = layout(total, workers, where.block, 8 // bits(dtype))
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, workers * chunk - total)])
 
     def quantize_fn(v):  # (..., N * chunk) -> (..., N, chunk / B, B)
@@ -192,10 +221,10 @@ def quantized_mean(flat: list[Any], where: Any, residual: list[Any] | None) -> t
     lost = x - dequantize(q, scale).reshape(x.shape) if residual is not None else None
     if not stacked:  # inside the user's shard_map / pmap / vmap over axis_name
         name = where.axis_name
-        q = _unwire(jax.lax.all_to_all(_wire(q), name, 0, 0, tiled=True), dtype)  # row w: w's copy
+        q = _unwire(jax.lax.all_to_all(_wire(q, dtype), name, 0, 0, tiled=True), dtype)
         scale = jax.lax.all_to_all(scale, name, 0, 0, tiled=True)
         q2, s2 = _reduce(q[:, None], scale[:, None], workers, dtype)
-        q2 = _unwire(jax.lax.all_gather(_wire(q2[0]), name, axis=0), dtype)
+        q2 = _unwire(jax.lax.all_gather(_wire(q2[0], dtype), name, axis=0), dtype)
         s2 = jax.lax.all_gather(s2[0], name, axis=0)
         mean = dequantize(q2, s2).reshape(-1)
     else:

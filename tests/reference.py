@@ -756,17 +756,19 @@ class Workers:
 
 
 def quantize_blocks(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 blocks along the last axis of ``x`` to int8 / fp8, one float32 scale each:
-    scale = max|x| / qmax (1 for an all-zero block); int8: round half to even, clip to
-    [-127, 127]; fp8: round to nearest (ml_dtypes)."""
+    """float32 blocks along the last axis of ``x`` to int8 / int4 / int2 / fp8, one float32
+    scale each: scale = max|x| / qmax (1 for an all-zero block); the integer types: round
+    half to even, clip to [-qmax, qmax] with qmax = 127, 7, 1 (held as int8); fp8: round to
+    nearest (ml_dtypes)."""
     x = np.asarray(x, np.float32)
     fp8 = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}
-    qmax = np.float32(127.0 if dtype == "int8" else float(ml_dtypes.finfo(fp8[dtype]).max))
+    integer = {"int8": 127.0, "int4": 7.0, "int2": 1.0}
+    qmax = np.float32(integer[dtype] if dtype in integer else ml_dtypes.finfo(fp8[dtype]).max)
     top = np.max(np.abs(x), axis=-1)
     scale = np.where(top > 0, top / qmax, np.float32(1.0)).astype(np.float32)
     scaled = (x / scale[..., None]).astype(np.float32)
-    if dtype == "int8":
-        return np.clip(np.round(scaled), -127, 127).astype(np.int8), scale
+    if dtype in integer:
+        return np.clip(np.round(scaled), -qmax, qmax).astype(np.int8), scale
     return scaled.astype(fp8[dtype]), scale
 
 
@@ -778,8 +780,9 @@ def quantized_exchange(xs: Sequence[np.ndarray], dtype: str, block: int):
     """The workers' mean of the float32 vectors ``xs`` (one per worker), exchanged quantized.
 
     Every vector is padded with zeros to N chunks of C values, C = ceil(T / N) rounded up to
-    m = ceil(ceil(T / N) / block) equal blocks of b = ceil(ceil(T / N) / m) values, and
-    quantized in blocks of b; worker c receives chunk c of
+    m = ceil(ceil(T / N) / block) equal blocks of b = ceil(ceil(T / N) / m) values (rounded up
+    to a multiple of the values a byte packs: 2 for int4, 4 for int2), and quantized in blocks
+    of b; worker c receives chunk c of
     everyone (all-to-all), dequantizes, sums in float32 in worker order, divides by N,
     requantizes; everyone receives every requantized chunk (all-gather) and dequantizes.
     Returns ``(mean, residuals)``: the mean (length T, float32) and per worker what its own
@@ -788,7 +791,8 @@ def quantized_exchange(xs: Sequence[np.ndarray], dtype: str, block: int):
     n, total = len(xs), len(xs[0])
     per_worker = max(1, -(-total // n))
     m = -(-per_worker // block)
-    b = -(-per_worker // m)
+    per_byte = {"int4": 2, "int2": 4}.get(dtype, 1)
+    b = -(-(-(-per_worker // m)) // per_byte) * per_byte
     chunk = m * b
     padded = [np.concatenate([np.asarray(x, np.float32), np.zeros(n * chunk - total, np.float32)])
               for x in xs]  # fmt: skip

@@ -47,6 +47,8 @@ def _grads(params, workers, seed):
         pytest.param(jnp.int8, False, marks=pytest.mark.slow),
         pytest.param(jnp.float8_e4m3fn, False, marks=pytest.mark.slow),
         pytest.param(jnp.float8_e4m3fn, True, marks=pytest.mark.slow),
+        pytest.param(jnp.int4, True, marks=pytest.mark.slow),
+        pytest.param(jnp.int2, True, marks=pytest.mark.slow),
     ],
 )
 def test_trajectory_matches_the_reference_of_the_same_scheme(dtype, error_feedback):
@@ -147,7 +149,7 @@ def _sharded_run(dtype, axis_type, error_feedback=False, steps=4):
 
 
 def lo_quantized(dtype):
-    return dtype is not None and jnp.dtype(dtype).name in ("int8", "float8_e4m3fn")
+    return dtype is not None and jnp.dtype(dtype).name in ("int8", "int4", "int2", "float8_e4m3fn")
 
 
 class _null:
@@ -175,6 +177,8 @@ def _wire_bytes(hlo):
         pytest.param(jnp.int8, AxisType.Auto, marks=pytest.mark.slow),
         pytest.param(jnp.float8_e4m3fn, AxisType.Explicit, marks=pytest.mark.slow),
         pytest.param(jnp.float8_e4m3fn, AxisType.Auto, marks=pytest.mark.slow),
+        pytest.param(jnp.int4, AxisType.Explicit, marks=pytest.mark.slow),
+        pytest.param(jnp.int2, AxisType.Auto, marks=pytest.mark.slow),
     ],
 )
 def test_on_a_mesh_the_wire_carries_one_byte_per_value_and_equals_one_device(dtype, axis_type):
@@ -202,9 +206,10 @@ def test_on_a_mesh_the_wire_carries_one_byte_per_value_and_equals_one_device(dty
             types = set(re.findall(r"\b(s8|u8|f32|f16|bf16|f8e4m3fn)\[", line.split(" = ")[1]))
             assert types <= {"s8", "u8", "f32"}, line
     blocks = N * -(-(padded // N) // 32)  # scales: one per block of at most 32 values
-    target = 2 * (N - 1) / N * size * 1 + 2 * (N - 1) / N * blocks * 4
+    per_value = {"int4": 0.5, "int2": 0.25}.get(jnp.dtype(dtype).name, 1.0)  # bytes: packed
+    target = 2 * (N - 1) / N * size * per_value + 2 * (N - 1) / N * blocks * 4
     # The target, plus the padding that makes N equal chunks (less than N values).
-    assert wire == target + 2 * (N - 1) / N * (padded - size), (wire, target)
+    assert wire == target + 2 * (N - 1) / N * (padded - size) * per_value, (wire, target)
     f32_wire, f32_ops = _wire_bytes(_sharded_run(None, axis_type, steps=0)[2])
     assert f32_ops == {"all-reduce"} and f32_wire == 2 * (N - 1) / N * size * 4
 
