@@ -892,11 +892,11 @@ def outer_sweep(quick: bool, command: str, progress: bool) -> dict:
 
 # --------------------------------------------------------------------------- --comm
 # Compression and overlap (digits, DiLoCo k=20 at its tuned inner lr, 400 steps, 3 seeds): the
-# quantized exchange (int8, fp8 e4m3, each with and without error feedback; 256 values per
-# scale) and overlapped syncs (tau = 1 and k / 2 = 10, mixing 0 and 0.5), against the f32
+# quantized exchange (int8, fp8 e4m3, int4, int2, each with and without error feedback; 256
+# values per scale) and overlapped syncs (tau = 1 and k / 2 = 10, mixing 0 and 0.5), against the f32
 # exchange and DP. Bytes are wire bytes per device from each compiled step's collectives: a
 # ring all-reduce sends 2 (N - 1) / N of its buffer, an all-to-all and an all-gather (N - 1) / N.
-COMM_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+COMM_DTYPES = {"int8": jnp.int8, "int4": jnp.int4, "int2": jnp.int2, "fp8": jnp.float8_e4m3fn}
 COMM_K = 20
 COMM_POINTS = (
     ("f32", "DiLoCo f32", {}),
@@ -904,6 +904,10 @@ COMM_POINTS = (
     ("int8_ef", "int8 + error feedback", {"communication_dtype": "int8", "error_feedback": True}),
     ("fp8", "fp8 e4m3", {"communication_dtype": "fp8"}),
     ("fp8_ef", "fp8 e4m3 + error feedback", {"communication_dtype": "fp8", "error_feedback": True}),
+    ("int4", "int4", {"communication_dtype": "int4"}),
+    ("int4_ef", "int4 + error feedback", {"communication_dtype": "int4", "error_feedback": True}),
+    ("int2", "int2", {"communication_dtype": "int2"}),
+    ("int2_ef", "int2 + error feedback", {"communication_dtype": "int2", "error_feedback": True}),
     ("tau1_a0", "overlap 1, mixing 0", {"overlap": 1}),
     ("tau1_a05", "overlap 1, mixing 0.5", {"overlap": 1, "mixing": 0.5}),
     ("tauhalf_a0", "overlap k/2, mixing 0", {"overlap": "half"}),
@@ -972,7 +976,8 @@ def comm_markdown(report: dict, command: str) -> str:
              "| x f32 | Collectives |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for result in report["methods"].values():
         diff = np.asarray(result["loss"]["per_seed"]) - np.asarray(base["loss"]["per_seed"])
-        diff_text = "—" if result["kind"] == "dp" else f"{diff.mean():+.4f} ± {diff.std():.4f}"
+        spread = diff.std(ddof=1) if diff.size > 1 else 0.0
+        diff_text = "—" if result["kind"] == "dp" else f"{diff.mean():+.4f} ± {spread:.4f}"
         lines.append(
             f"| {result['label']} | {_fmt(result['loss'])} | "
             f"{_fmt(result['accuracy'], 2, 100)} | {diff_text} | {result['wire_bytes']:,.0f} | "
@@ -995,7 +1000,8 @@ def comm_plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"dp": ("black", "s"), "f32": ("tab:blue", "o"), "int8": ("tab:green", "v"),
               "int8_ef": ("tab:green", "^"), "fp8": ("tab:red", "v"),
-              "fp8_ef": ("tab:red", "^")}  # fmt: skip
+              "fp8_ef": ("tab:red", "^"), "int4": ("tab:olive", "v"), "int4_ef": ("tab:olive", "^"),
+              "int2": ("tab:brown", "v"), "int2_ef": ("tab:brown", "^")}  # fmt: skip
     for name, result in report["methods"].items():
         colour, marker = styles.get(name, ("tab:purple", "D" if "a05" in name else "d"))
         ax.errorbar(result["wire_bytes"], result["loss"]["mean"], yerr=result["loss"]["std"],
