@@ -223,12 +223,14 @@ KNOWN_BROKEN: list[Broken] = [
         "issue 18 (silent wrong results), the landing of 580406e: on update_and_apply's fused "
         "path with slow_dtype=bfloat16 and float32 params, the params after a sync are not "
         "the slow weights (e.g. 0.27185 where slow_params is 0.27148, workers=3; 0.011139 vs "
-        "0.011108 without workers); tx.update lands on them",
+        "0.011108 without workers); tx.update lands on them, and so does update_and_apply "
+        "on a mesh",
         lambda c: (
             c.entry != "update"
             and c.slow_dtype == "bfloat16"
             and c.fragments == 1
-            and c.wrapper != "multisteps"
+            and c.wrapper not in ("multisteps", "apply_if_finite")
+            and c.workers != "mesh"
         ),
         frozenset({"exact"}),
     ),
@@ -237,7 +239,7 @@ KNOWN_BROKEN: list[Broken] = [
         "reads the per-worker (batched) count of the states as one Python int: 'TypeError: "
         "only 0-dimensional arrays can be converted to Python scalars'",
         lambda c: c.entry == "static" and c.workers == "axis",
-        frozenset({"crash"}),
+        frozenset({"crash", "raises"}),
     ),
     Broken(
         "found by this matrix, not in issue 18: StaticSyncStep around apply_if_finite: a "
@@ -275,7 +277,7 @@ KNOWN_BROKEN: list[Broken] = [
         "lookahead refuses it ('alpha must be a float in (0, 1] ...'); optax's own optimizers "
         "accept their complex learning rate",
         lambda c: c.wrapper == "inject" and "complex" in c.leaves and c.slow_step == "alpha",
-        frozenset({"crash"}),
+        frozenset({"crash", "raises"}),
     ),
 ]
 
@@ -929,6 +931,25 @@ FAST_PAIRS = [
 ]
 SLOW_PAIRS = pairs(SLOW)[:40]
 
+# Pairs that differ today (not strict: a last-bit difference shows on some values only).
+KNOWN_BROKEN_PAIRS = [
+    (
+        "found by this matrix, not in issue 18: with workers sharded over an Explicit mesh, "
+        "alpha=a and outer=optax.sgd(a) differ in the last bit (1.60093892 vs 1.60093904 with "
+        "fragments=3), though the docs promise bit for bit",
+        lambda c, other, budget: budget == 0 and c.workers == "mesh",
+    ),
+]
+
+
+def _pair_params(pairs_: list) -> list:
+    out = []
+    for pair in pairs_:
+        reasons = [reason for reason, applies in KNOWN_BROKEN_PAIRS if applies(*pair)]
+        marks = [pytest.mark.xfail(strict=False, reason=reasons[0])] if reasons else []
+        out.append(pytest.param(pair, marks=marks, id=_pair_id(pair)))
+    return out
+
 
 def _pair_id(pair) -> str:
     c, other, budget = pair
@@ -938,7 +959,7 @@ def _pair_id(pair) -> str:
     return f"{changed[0]}:{getattr(c, changed[0])}-vs-{getattr(other, changed[0])}"
 
 
-@pytest.mark.parametrize("pair", FAST_PAIRS, ids=[_pair_id(p) for p in FAST_PAIRS])
+@pytest.mark.parametrize("pair", _pair_params(FAST_PAIRS))
 def test_fast_pairs_agree(pair):
     c, other, budget = pair
     problems = compare_runs(c, other, budget)
@@ -946,7 +967,7 @@ def test_fast_pairs_agree(pair):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pair", SLOW_PAIRS, ids=[_pair_id(p) for p in SLOW_PAIRS])
+@pytest.mark.parametrize("pair", _pair_params(SLOW_PAIRS))
 def test_many_pairs_agree(pair):
     test_fast_pairs_agree(pair)
 
