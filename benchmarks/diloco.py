@@ -140,6 +140,9 @@ OUTER_SWEEP = {
     "weight_decay": 1e-4, "outer_lrs": (0.35, 0.7, 1.0, 1.4), "momenta": (0.0, 0.5, 0.9),
     "inner_lrs": {0.0: (1e-3, 3e-3), 0.5: (3e-4, 1e-3), 0.9: (1e-4, 3e-4)}, "group": 12,
 }  # fmt: skip
+# --outer-sweep --extend: a third inner lr per momentum, above the first two (in the first
+# run most settings were best at the upper of their two).
+OUTER_SWEEP_EXTEND = {0.0: (1e-2,), 0.5: (3e-3,), 0.9: (1e-3,)}
 QUICK_OUTER_SWEEP = {
     "steps": 8, "batch_size": 4, "ks": (2, 4), "seeds": 2, "chunk": 4, "weight_decay": 1e-4,
     "outer_lrs": (0.7, 1.0), "momenta": (0.0, 0.9),
@@ -861,13 +864,25 @@ def outer_sweep_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def outer_sweep(quick: bool, command: str, progress: bool) -> dict:
+def outer_sweep(quick: bool, command: str, progress: bool, previous: dict | None = None) -> dict:
+    """Runs the sweep; with ``previous`` (an earlier report) runs OUTER_SWEEP_EXTEND's inner
+    lrs only and merges them into it, so a sweep can be widened without rerunning it."""
     from _timing import machine_info
 
-    cfg = QUICK_OUTER_SWEEP if quick else OUTER_SWEEP
+    cfg = dict(QUICK_OUTER_SWEEP if quick else OUTER_SWEEP)
+    runs = {}
+    if previous is not None:
+        runs = {(r["k"], r["inner_lr"], r["outer_lr"], r["momentum"]):
+                {"loss": np.asarray(r["loss"], float), "accuracy": np.asarray(r["accuracy"], float)}
+                for r in previous["runs"]}  # fmt: skip
+        cfg["inner_lrs"] = {m: OUTER_SWEEP_EXTEND[m] for m in cfg["momenta"]}
     task = DigitsTask()
     start = time.perf_counter()
-    runs = outer_sweep_runs(task, cfg, progress)
+    runs |= outer_sweep_runs(task, cfg, progress)
+    if previous is not None:
+        cfg["inner_lrs"] = {float(m): tuple(sorted(set(lrs) | set(OUTER_SWEEP_EXTEND[float(m)])))
+                            for m, lrs in previous["config"]["inner_lrs"].items()}  # fmt: skip
+        command = f"{previous['command']}; {command}"
     machine = machine_info()
     return {
         "command": command, "workers": WORKERS, "task": task.name, "info": task.info,
@@ -883,7 +898,7 @@ def outer_sweep(quick: bool, command: str, progress: bool) -> dict:
         "runs": [{"k": key[0], "inner_lr": key[1], "outer_lr": key[2], "momentum": key[3],
                   "loss": value["loss"].tolist(), "accuracy": value["accuracy"].tolist()}
                  for key, value in runs.items()],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start, 1) + (previous or {}).get("seconds", 0),
     }  # fmt: skip
 
 
@@ -1026,6 +1041,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--outer-sweep", action="store_true",
                         help="digits: outer lr x momentum at k in {5, 20, 100}, each at its "
                         "best inner lr")  # fmt: skip
+    parser.add_argument("--extend", action="store_true",
+                        help="--outer-sweep: one more inner lr per momentum (OUTER_SWEEP_EXTEND), "
+                        "merged into <out>/diloco_outer[_quick].json")  # fmt: skip
     parser.add_argument("--lrs", type=float, nargs="+", help="--tune: these learning rates, "
                         "added to <out>/diloco_tune.json if it exists")  # fmt: skip
     parser.add_argument("--replot", action="store_true",
@@ -1065,7 +1083,10 @@ def main(argv=None) -> dict:
         if args.replot:
             report = json.loads((out / f"{stem}.json").read_text())
         else:
-            report = outer_sweep(args.quick, command, progress)
+            previous = None
+            if args.extend:
+                previous = json.loads((out / f"{stem}.json").read_text())
+            report = outer_sweep(args.quick, command, progress, previous)
             (out / f"{stem}.json").write_text(json.dumps(_jsonable(report), indent=1))
         text = outer_sweep_markdown(report)
         (out / f"{stem}.md").write_text(text)
