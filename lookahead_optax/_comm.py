@@ -84,8 +84,8 @@ def quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     scale = jnp.where(top > 0, top / jnp.float32(qmax(dtype)), jnp.float32(1.0))
     scaled = x / scale[..., None]
     if is_integer(dtype):  # int4 / int2 values are held as int8 until packed for the wire
-        top = qmax(dtype)
-        q = jnp.clip(jnp.round(scaled), -top, top).astype(jnp.int8)
+        level = qmax(dtype)
+        q = jnp.clip(jnp.round(scaled), -level, level).astype(jnp.int8)
     else:
         q = scaled.astype(dtype)
     return q, scale
@@ -170,7 +170,7 @@ def _worker_mesh_axis(x: jax.Array, workers: int) -> tuple[Any, Any] | None:
         return None
     types = set(mesh.axis_types)
     if types == {jax.sharding.AxisType.Explicit}:
-        spec = sharding.spec
+        spec = getattr(sharding, "spec", None)
         if not spec or spec[0] is None:
             return None
         axis = spec[0]
@@ -236,7 +236,7 @@ def quantized_mean(flat: list[Any], where: Any, residual: list[Any] | None) -> t
     start = 0
     for j, i in enumerate(live):
         out[i] = mean[start : start + sizes[j]].reshape(shapes[j]).astype(dtypes[j])
-        if lost is not None:
+        if lost is not None and new_residual is not None:
             piece = lost[..., start : start + sizes[j]]
             new_residual[i] = piece.reshape(((workers,) if stacked else ()) + shapes[j])
         start += sizes[j]
