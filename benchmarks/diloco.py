@@ -40,7 +40,8 @@ tenth of it.
     python benchmarks/diloco.py --task digits          # digits only: 2 min
     python benchmarks/diloco.py --tune                 # the digits learning-rate sweep: 20 min
     python benchmarks/diloco.py --quick                # tiny runs for tests (~1 min: compiles)
-    python benchmarks/diloco.py --outer-sweep          # DiLoCo's outer lr x momentum: 30+ min
+    python benchmarks/diloco.py --outer-sweep          # outer lr x momentum: 40 min, 2 busy cores
+    python benchmarks/diloco.py --outer-sweep --extend # + a third inner lr: 18 min more
     python benchmarks/diloco.py --out benchmarks/results   # rewrite the committed results
 
 ``--outer-sweep`` (digits): outer lr in {0.35, 0.7, 1.0, 1.4} x Nesterov momentum in {0, 0.5,
