@@ -298,16 +298,20 @@ def workers_main() -> None:
             for name, make in makers.items():
                 tx = make()
                 state = jax.jit(tx.init)(jax.tree.map(jnp_copy, params))
+                if name == "vmap(adam)":  # vmap needs the per-worker counts sharded too
+                    state = jax.device_put(state, sharding)
 
                 def step(params, state, grads, tx=tx):
                     updates, state = tx.update(grads, state, params)
                     return optax.apply_updates(params, updates), state
 
-                compiled = (
-                    jax.jit(step, donate_argnums=(0, 1))
-                    .lower(jax.tree.map(jnp_copy, params), state, grads)
-                    .compile()
-                )
+                # Two eager calls first: on an Auto mesh the state init returns need not carry
+                # the shardings the step propagates; compile for the ones a run settles on.
+                jitted = jax.jit(step, donate_argnums=(0, 1))
+                steady = (jax.tree.map(jnp_copy, params), state)
+                for _ in range(2):
+                    steady = jitted(*steady, grads)
+                compiled = jitted.lower(*steady, grads).compile()
                 hlo = compiled.as_text()
                 collective = _hlo.collective_bytes(hlo)
                 sync_bytes = max((max(b) for b in collective["branches"]), default=0)
@@ -318,7 +322,7 @@ def workers_main() -> None:
                     "sync_all_reduce_vs_slow_bytes": sync_bytes / slow_bytes,
                     "collective_ops": collective["ops"],
                 }
-                runs[name] = [compiled, jax.tree.map(jnp_copy, params), state, grads]
+                runs[name] = [compiled, *steady, grads]
             seconds = {name: [] for name in runs}
             for run in runs.values():  # warm-up
                 time_block(run, ARGS.k)
