@@ -163,7 +163,7 @@ def lookahead(
         computes :class:`lookahead_optax.SyncStats` (the pseudo-gradient norm
         and each worker's drift; default True). They read every worker's
         pseudo-gradient once more: on XLA:CPU that keeps the params-sized
-        pseudo-gradients in memory and makes the sync step about 2.5x slower
+        pseudo-gradients in memory and makes the sync step about twice as slow
         (docs page "Performance"). ``False`` skips them: the state keeps its
         ``sync_stats`` record (same tree, so checkpoints of either setting
         restore into the other), filled with NaN.
