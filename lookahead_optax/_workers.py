@@ -158,7 +158,14 @@ def resize_workers(
         new_stats = s.sync_stats._replace(
             worker_drift=resize(s.sync_stats.worker_drift, jnp.zeros([], jnp.float32))
         )
-        return s._replace(inner_state=inner, cycle_start=cycle_start, sync_stats=new_stats)
+        residual = s.residual  # error feedback: a new worker starts with nothing owed
+        if residual is not None:
+            residual = jax.tree.map(
+                lambda x: resize(x, jnp.zeros(np.shape(x)[1:], jnp.float32)), residual
+            )
+        return s._replace(
+            inner_state=inner, cycle_start=cycle_start, sync_stats=new_stats, residual=residual
+        )
 
     # Outside the lookahead: the leaves shaped like a leaf of params carry the worker axis.
     param_shapes = {np.shape(_value(p)) for p in param_leaves}

@@ -301,3 +301,25 @@ def test_params_that_cannot_be_quantized_are_refused_at_init():
         tx.init(lo.replicate({"n": jnp.int32(1)}, 2))
     with pytest.raises(ValueError, match=r"params\['z'\] is complex"):
         tx.init(lo.replicate({"z": jnp.ones(2, jnp.complex64)}, 2))
+
+
+def test_resize_workers_keeps_the_residuals_of_the_kept_workers_and_zeros_new_ones():
+    tx = lo.lookahead(
+        optax.sgd(0.1), k=2, workers=3, communication_dtype=jnp.int8, error_feedback=True
+    )
+    params = lo.replicate({"w": jnp.zeros(40)}, 3)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    grads = _grads({"w": jnp.zeros(40)}, 3, 4)
+    for _ in range(2):
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert float(jnp.abs(state.residual["w"]).max()) > 0
+    new_params, new_state = lo.resize_workers(state, params, 4)
+    assert new_state.residual["w"].shape == (4, 40)
+    np.testing.assert_array_equal(new_state.residual["w"][:3], state.residual["w"])
+    np.testing.assert_array_equal(new_state.residual["w"][3], np.zeros(40))
+    tx4 = lo.lookahead(
+        optax.sgd(0.1), k=2, workers=4, communication_dtype=jnp.int8, error_feedback=True
+    )
+    tx4.update(_grads({"w": jnp.zeros(40)}, 4, 5), new_state, new_params)  # runs
