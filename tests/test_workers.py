@@ -119,10 +119,11 @@ def test_one_worker_is_lookahead_with_a_leading_axis():
     stacked = lo.replicate(params, 1)
     plain_state, one_state = plain.init(params), one.init(stacked)
     plain_update, one_update = jax.jit(plain.update), jax.jit(one.update)  # eager: 10x slower
+    grad, stacked_grad = jax.jit(jax.grad(PROBLEM.loss)), jax.jit(jax.vmap(jax.grad(PROBLEM.loss)))
     for _ in range(STEPS):
-        updates, plain_state = plain_update(jax.grad(PROBLEM.loss)(params), plain_state, params)
+        updates, plain_state = plain_update(grad(params), plain_state, params)
         params = optax.apply_updates(params, updates)
-        grads = jax.vmap(jax.grad(PROBLEM.loss))(stacked)
+        grads = stacked_grad(stacked)
         updates, one_state = one_update(grads, one_state, stacked)
         stacked = optax.apply_updates(stacked, updates)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(stacked)):
