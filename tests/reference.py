@@ -561,6 +561,25 @@ class Mixed:
         return updates, trace
 
 
+class EveryK:
+    """optax.MultiSteps(inner, k): ``inner`` steps on every k-th call, on the mean of the k
+    calls' gradients; the other calls return zero updates. State ``(mini_step, mean, inner)``."""
+
+    def __init__(self, inner, k: int):
+        self.inner, self.k = inner, k
+
+    def init(self, params: Leaves):
+        return (0, [np.zeros_like(np.asarray(p)) for p in params], self.inner.init(params))
+
+    def step(self, grads: Leaves, state, params: Leaves):
+        mini_step, mean, inner = state
+        mean = [(g + mini_step * m) / (mini_step + 1) for g, m in zip(grads, mean)]
+        if mini_step + 1 < self.k:
+            return [np.zeros_like(np.asarray(g)) for g in grads], (mini_step + 1, mean, inner)
+        updates, inner = self.inner.step(mean, inner, params)
+        return updates, (0, [np.zeros_like(m) for m in mean], inner)
+
+
 class ComplexAdam(Adam):
     """Adam with nu from |g|^2 (what optax.adam does on complex leaves; Adam on real ones)."""
 

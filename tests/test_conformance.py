@@ -6,9 +6,9 @@ SGD, Nesterov or Adam, adaptive alpha), where the workers are (none, ``workers=1
 fragments, the inner-state policy, ``slow_dtype``, ``communication_dtype``, the entry point
 (``tx.update``, ``update_and_apply``, ``StaticSyncStep``), the leaves of params (float32
 always; bf16, complex, int, bool, a PRNG key, an empty subtree, a zero-size leaf) and the
-wrapper around the lookahead (none, a transformation chained before it, ``MultiSteps``,
-``apply_if_finite``, ``inject_hyperparams``, ``multi_transform``). :func:`sample` draws
-combinations from a seeded generator.
+wrapper around the lookahead (none, a transformation chained before it, ``MultiSteps``
+around it or as its inner optimizer, ``apply_if_finite``, ``inject_hyperparams``,
+``multi_transform``). :func:`sample` draws combinations from a seeded generator.
 
 A valid combination runs 2k + 1 calls (two syncs and one more step) and is compared at every
 call with :class:`reference.Workers`: every worker's params, ``slow_params`` and the sync
@@ -50,7 +50,15 @@ AXES: dict[str, tuple] = {
     "slow_dtype": (None, "float32", "bfloat16"),
     "communication_dtype": (None, "float32", "bfloat16", "float16"),
     "entry": ("update", "update_and_apply", "static"),
-    "wrapper": ("none", "chain_before", "multisteps", "apply_if_finite", "inject", "multi"),
+    "wrapper": (
+        "none",
+        "chain_before",
+        "multisteps",
+        "multisteps_inner",
+        "apply_if_finite",
+        "inject",
+        "multi",
+    ),  # multisteps: around the lookahead; multisteps_inner: lookahead(MultiSteps(inner, 2))
     "start": ("same", "distinct"),  # distinct: every worker starts at other params
 }
 # Leaves added to the two float32 leaves every combination has ("w" (3,), "m" (2, 2)).
@@ -94,7 +102,7 @@ def unsupported(c: Combo) -> str | None:
     """Why a combination is not drawn: a limit of optax or of the setup, not of lookahead."""
     if "key" in c.leaves and c.entry != "update":
         return "optax.apply_updates cannot add to a PRNG key (update_and_apply applies with it)"
-    if c.wrapper == "multisteps" and {"int", "bool", "key", "complex"} & set(c.leaves):
+    if c.wrapper.startswith("multisteps") and {"int", "bool", "key", "complex"} & set(c.leaves):
         return (
             "optax.MultiSteps averages real floating gradients only (with optax 0.2.8, the "
             "imaginary part of sgd's update of complex params came out halved)"
@@ -503,8 +511,11 @@ def run_reference(c: Combo, problem: Problem) -> list[Record]:
         curvature = [problem.curvature[i] if kinds[i] == "float" else None for i in la]
         alpha_rule = ref.diagonal_line_search(curvature, 0.1)
     comm = DTYPES[c.communication_dtype] if c.workers is not None else None
+    inner = ref.Mixed(INNER_LR, INNER_BETA, sub_kinds)
+    if c.wrapper == "multisteps_inner":
+        inner = ref.EveryK(inner, 2)
     algorithm = ref.Workers(
-        ref.Mixed(INNER_LR, INNER_BETA, sub_kinds), c.k, kinds=sub_kinds, alpha=ALPHA,
+        inner, c.k, kinds=sub_kinds, alpha=ALPHA,
         outer=reference_outer(c.slow_step), alpha_rule=alpha_rule, inner_state=c.inner_state,
         params_dtypes=sub(params_dtypes), slow_dtypes=slow_dtypes, communication_dtype=comm,
         groups=groups,
@@ -629,6 +640,8 @@ def build_tx(c: Combo, problem: Problem) -> optax.GradientTransformation:
             "adam": lambda: optax.adam(0.1),
         }[c.slow_step]()
     inner = mixed_inner(INNER_LR, INNER_BETA)
+    if c.wrapper == "multisteps_inner":
+        inner = optax.MultiSteps(inner, every_k_schedule=2)  # not a GradientTransformation
     if c.wrapper == "inject":
         # k and alpha injected (arrays in the state); every other argument static.
         injected = {"k"} if c.slow_step == "adaptive" else {"k", "alpha"}
