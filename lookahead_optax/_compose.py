@@ -121,6 +121,13 @@ def check_composition(
     states = find_states(opt_state)
     if not states:
         raise ValueError("check_composition found no lookahead in tx")
+    mixed = [float(getattr(state, "mixing", 0.0)) for state in states]
+    if any(mixed):
+        raise ValueError(
+            f"check_composition checks that a sync lands the params on the slow weights; a "
+            f"lookahead with mixing={max(mixed)} lands them on phi + mixing (theta - phi) by "
+            "design: check the same chain built with mixing=0"
+        )
     if grads is None:
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(0), len(leaves))

@@ -342,6 +342,7 @@ def _init(config: _Config, params: optax.Params) -> LookaheadState:
         ),
         residual=_comm.residual_init(params, slow) if config.error_feedback else None,
         fragments=config.fragments,
+        mixing=config.mixing,
     )
 
 
@@ -411,6 +412,7 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
         in_flight=in_flight,
         residual=residual,
         fragments=config.fragments,
+        mixing=config.mixing,
     )
 
 

@@ -57,6 +57,8 @@ class LookaheadState:
       fragments: The number of fragments (1 unless ``fragments=``), static
         metadata: not a leaf, so checkpoints hold the same arrays. Fragment j
         syncs at step ``max(1, (j + 1) period // fragments)`` of each cycle.
+      mixing: ``lookahead``'s ``mixing`` (0 unless given), static metadata: a
+        sync lands the params on ``phi + mixing (theta - phi)``, not on ``phi``.
     """
 
     inner_state: optax.OptState
@@ -71,6 +73,7 @@ class LookaheadState:
     in_flight: optax.Params = None
     residual: optax.Params = None
     fragments: int = dataclasses.field(default=1, metadata={"static": True})
+    mixing: float = dataclasses.field(default=0.0, metadata={"static": True})
 
     def _replace(self, **changes: Any) -> LookaheadState:
         """A copy with ``changes`` (as a NamedTuple's ``_replace``)."""

@@ -307,3 +307,10 @@ def _branches_text(module, body_text, name):
 
     line = next(x for x in body_text.splitlines() if re.match(rf"\s*%{re.escape(name)} = ", x))
     return "\n".join(_hlo.reachable(module, b) for group in _hlo.branches(line) for b in group)
+
+
+def test_check_composition_says_it_cannot_check_a_mixed_landing():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="mixing=0.5 lands them on phi"):
+        lo.check_composition(lo.lookahead(optax.sgd(0.1), k=4, mixing=0.5), params)
+    assert lo.check_composition(lo.lookahead(optax.sgd(0.1), k=4, overlap=1), params) is None
