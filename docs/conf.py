@@ -316,3 +316,6 @@ def setup(app):
     app.connect("doctree-resolved", doctree_resolved)
     app.connect("build-finished", write_source_files)
     app.connect("html-page-context", search_page_math, priority=400)  # before sphinx.ext.mathjax
+
+# No Python module index page: the API page lists the two submodules.
+html_domain_indices = False
