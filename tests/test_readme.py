@@ -12,9 +12,7 @@ import re
 
 import pytest
 
-# test_docs.py imports CONTINUES, free_names and python_chains from here (to be moved
-# to tests.helpers there): re-exported.
-from tests.helpers import CONTINUES, fenced_blocks, free_names, python_chains  # noqa: F401
+from tests.helpers import fenced_blocks, free_names, python_chains
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 DOCS = README.parent / "docs"
