@@ -186,3 +186,5 @@ def test_workers_statistics_cost_passes_and_skipping_them_changes_no_weight():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
     assert np.all(np.isfinite(jax.tree.leaves(s_on.sync_stats)[1]))
     assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(s_off.sync_stats))
+    with pytest.raises(ValueError, match="sync_stats must be True or False, got 1"):
+        lo.lookahead(INNERS["adam"](), workers=WORKERS, sync_stats=1)
