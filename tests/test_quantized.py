@@ -323,3 +323,29 @@ def test_resize_workers_keeps_the_residuals_of_the_kept_workers_and_zeros_new_on
         optax.sgd(0.1), k=2, workers=4, communication_dtype=jnp.int8, error_feedback=True
     )
     tx4.update(_grads({"w": jnp.zeros(40)}, 4, 5), new_state, new_params)  # runs
+
+
+@pytest.mark.slow
+def test_the_comm_benchmark_counts_narrow_collectives(tmp_path):
+    """benchmarks/diloco.py --comm --quick: each quantized point moves only all-to-alls and
+    all-gathers, int8 and fp8 a quarter of f32's wire bytes, int4 an eighth, int2 a sixteenth
+    (plus the scales); overlap moves the f32 bytes."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "diloco.py"), "--comm", "--quick",
+         "--no-progress", "--out", str(tmp_path)],
+        check=True, cwd=root, capture_output=True, timeout=900,
+    )  # fmt: skip
+    methods = json.loads((tmp_path / "diloco_comm_quick.json").read_text())["methods"]
+    f32 = methods["f32"]["wire_bytes"]
+    for name, share in [("int8", 1 / 4), ("fp8_ef", 1 / 4), ("int4_ef", 1 / 8), ("int2", 1 / 16)]:
+        assert methods[name]["collectives"] == ["all-gather", "all-to-all"]
+        # Plus the scales: 4 bytes per 256 values against f32's 4 per value (and padding).
+        assert share <= methods[name]["wire_bytes"] / f32 <= (share + 1 / 256) * 1.02, name
+    assert methods["tau1_a05"]["wire_bytes"] == f32
+    assert methods["f32"]["collectives"] == ["all-reduce"]
