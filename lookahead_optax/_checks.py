@@ -449,8 +449,11 @@ def is_quantized(dtype: Any) -> bool:
         return False
 
 
-def check_overlap(overlap: Any, mixing: Any, k: Any, fragments: int | None) -> None:
-    """``overlap`` (tau) in [0, k / fragments) and ``mixing`` (a) in [0, 1], both static."""
+def check_overlap(
+    overlap: Any, mixing: Any, k: Any, fragments: int | None, alpha: Any = None
+) -> None:
+    """``overlap`` (tau) in [0, k / fragments) and ``mixing`` (a) in [0, 1], both static;
+    no overlap with adaptive_alpha (its line search needs this step's pseudo-gradient)."""
     parts = 1 if fragments is None else int(fragments)
     if overlap is not None:
         _check_static("overlap", overlap)
@@ -461,6 +464,11 @@ def check_overlap(overlap: Any, mixing: Any, k: Any, fragments: int | None) -> N
                 f"average travels), got {overlap!r}"
             )
         if int(overlap) > 0:
+            if isinstance(alpha, AdaptiveAlpha):
+                raise ValueError(
+                    "overlap > 0 does not support alpha=adaptive_alpha(...): its line search "
+                    "needs the pseudo-gradient of the sync step; pass a number or outer="
+                )
             if is_traced(k) or isinstance(k, jax.Array):
                 raise ValueError(
                     "overlap > 0 needs k to be a Python int (the step at which a fragment's "

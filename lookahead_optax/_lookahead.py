@@ -143,7 +143,8 @@ def lookahead(
         and its average is kept in ``LookaheadState.in_flight`` (one slow-sized
         buffer) until the sync applies it. No step in between reads it, so the
         collective can run beside them. 0 or None (default): taken at the sync.
-        Needs a Python int ``k``.
+        Needs a Python int ``k`` and a fixed alpha or ``outer``; ``sync_stats``
+        then describe the pseudo-gradient sent.
       mixing: torchft's ``fragment_update_alpha``, in [0, 1]: at a sync each
         worker's params land on ``phi + mixing (theta - phi)`` (``phi`` the new
         slow weights, ``theta`` its fast weights of that step) instead of on
@@ -228,7 +229,7 @@ def lookahead(
     if not isinstance(sync_stats, bool):
         raise ValueError(f"sync_stats must be True or False, got {sync_stats!r}")
     _checks.check_fragments(fragments, k, alpha, inner_state)
-    _checks.check_overlap(overlap, mixing, k, fragments)
+    _checks.check_overlap(overlap, mixing, k, fragments, alpha)
     _checks.check_quantized(
         communication_dtype, communication_block, error_feedback, workers, axis_name
     )

@@ -194,6 +194,7 @@ def test_the_in_flight_average_is_a_leaf_of_the_checkpoint_tree():
         (dict(k=4, mixing=-0.1), r"mixing must be a number in \[0, 1\]"),
         (dict(k=4, mixing="0.5"), r"mixing must be a number in \[0, 1\]"),
         (dict(k=jnp.asarray(4), overlap=1), "overlap > 0 needs k to be a Python int"),
+        (dict(k=4, overlap=1, alpha=lo.adaptive_alpha()), "overlap > 0 does not support alpha"),
     ],
 )
 def test_arguments_are_checked_at_construction(kwargs, match):
