@@ -47,7 +47,7 @@ class AdaptiveAlphaState(NamedTuple):
     """
 
     grad_sq: optax.Params
-    count: Array
+    count: Array  # type: ignore[assignment]  # a field, as in optax's states
     alpha: Array
 
 
@@ -160,7 +160,7 @@ class AdaptiveAlpha:
                 'curvature="ema" or pass the curvature'
             )
         (moment,) = moments
-        nu_structure = jax.tree.structure(moment.nu, is_leaf=_is_masked)
+        nu_structure: Any = jax.tree.structure(moment.nu, is_leaf=_is_masked)
         if nu_structure != jax.tree.structure(params, is_leaf=_is_masked):
             raise ValueError(
                 'adaptive_alpha(curvature="adam") needs an Adam state over all the params '

@@ -241,15 +241,13 @@ def _option_mismatch(state: LookaheadState, config: Any) -> str:
         )
     overlap = int(getattr(config, "overlap", 0))
     if (getattr(state, "in_flight", None) is not None) != (overlap > 0):
-        return (
-            f"this lookahead has overlap={overlap}, the state was made "
-            + ("with overlap > 0 (it holds in_flight)" if overlap == 0 else "without overlap")
+        return f"this lookahead has overlap={overlap}, the state was made " + (
+            "with overlap > 0 (it holds in_flight)" if overlap == 0 else "without overlap"
         )
     feedback = bool(getattr(config, "error_feedback", False))
     if (getattr(state, "residual", None) is not None) != feedback:
-        return (
-            f"this lookahead has error_feedback={feedback}, the state was made "
-            + ("with error_feedback=True (it holds residual)" if not feedback else "without it")
+        return f"this lookahead has error_feedback={feedback}, the state was made " + (
+            "with error_feedback=True (it holds residual)" if not feedback else "without it"
         )
     if config.outer is None:
         if state.outer_state is not None:
@@ -410,7 +408,7 @@ def check_trees(updates: Any, params: Any, slow: Any, workers: int | None = None
         raise ValueError(
             "lookahead's update needs params: call tx.update(grads, opt_state, params)"
         )
-    expected = jax.tree.structure(slow, is_leaf=is_masked)
+    expected: Any = jax.tree.structure(slow, is_leaf=is_masked)  # PyTreeDef: no stubs
     for name, tree in (("params", params), ("grads (updates)", updates)):
         structure = jax.tree.structure(tree, is_leaf=is_masked)
         if structure != expected:

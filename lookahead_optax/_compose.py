@@ -129,7 +129,8 @@ def check_composition(
             "design: check the same chain built with mixing=0"
         )
     if grads is None:
-        leaves, treedef = jax.tree.flatten(params)
+        leaves, structure = jax.tree.flatten(params)
+        treedef: Any = structure  # PyTreeDef: no stubs
         keys = jax.random.split(jax.random.key(0), len(leaves))
         grads = treedef.unflatten(
             [

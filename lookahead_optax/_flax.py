@@ -65,7 +65,8 @@ def nnx_slow_model(model: Any, optimizer: Any) -> Any:
     """
     from flax import nnx
 
-    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    split: Any = nnx.split(model, optimizer.wrt, ...)  # (graphdef, the wrt state, the rest)
+    graphdef, params, rest = split[0], split[1], split[2]
     slow = slow_params(optimizer.opt_state, params)
     # copy=True gives the new model its own Variables; without it the slow
     # model's batch statistics would alias (and update) the trained model's.

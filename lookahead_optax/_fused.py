@@ -11,8 +11,8 @@ Three ways to run the decided step, all with the same numbers (up to an ulp):
   On XLA:CPU, with params and state donated, XLA copies the donated state first: 3.4x
   Adam's step at 256K params, 11x at 16M (benchmarks/device.py). For measuring, not use.
 - ``sync=True/False``: the caller knows whether this step syncs (two executables chosen
-  from Python, e.g. by :class:`~lookahead_optax.experimental.StaticSyncStep`, which owns the counter): no conditional
-  and no extra read.
+  from Python, e.g. by :class:`~lookahead_optax.experimental.StaticSyncStep`, which owns
+  the counter): no conditional and no extra read.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ DEFAULT_FORMULATION: dict[str, Formulation] = {"cpu": "cond"}
 
 
 def default_formulation(backend: str | None = None) -> Literal["cond", "select"]:
-    """The formulation :func:`~lookahead_optax.update_and_apply` uses on ``backend`` (default: jax's default).
+    """The formulation :func:`~lookahead_optax.update_and_apply` uses on ``backend``.
+
+    Default backend: jax's default.
 
     Examples:
       >>> import lookahead_optax as lo
@@ -107,8 +109,9 @@ def update_and_apply(
         with no conditional at all; two executables, chosen from Python. It must
         equal ``count + 1 >= period`` of the state (see :func:`next_call_syncs`);
         a wrong value syncs at the wrong step, and is not checked here (a check
-        would slow every call's dispatch). :class:`~lookahead_optax.experimental.StaticSyncStep` owns the
-        counter and checks every decision on the device. Requires the fused path
+        would slow every call's dispatch).
+        :class:`~lookahead_optax.experimental.StaticSyncStep` owns the counter and checks
+        every decision on the device. Requires the fused path
         (ValueError if not).
       formulation: How a decision made on the device is taken (``sync=None``):
         ``"cond"``, a ``lax.cond`` around two whole steps (only the taken one
@@ -259,7 +262,8 @@ def next_call_syncs(opt_state: optax.OptState) -> bool:
 
     A device-to-host read: it waits until the step that produced ``opt_state`` has
     finished, so a loop that calls it every step cannot run ahead of the device.
-    :class:`~lookahead_optax.experimental.StaticSyncStep` reads it once and counts in Python after that.
+    :class:`~lookahead_optax.experimental.StaticSyncStep` reads it once and counts in
+    Python after that.
 
     Raises:
       ValueError: if ``opt_state`` does not hold exactly one outermost LookaheadState.
@@ -291,8 +295,8 @@ class StaticSyncStep:
     """A training step as two executables, the sync decided in Python: no conditional.
 
     ``fn(*args, sync, **kwargs)`` is your step; it passes ``sync`` (a Python bool) to
-    :func:`~lookahead_optax.update_and_apply`. Calling this object runs ``fn`` jitted with ``sync`` static,
-    so the program of a non-sync step is the inner optimizer's step and never reads the
+    :func:`~lookahead_optax.update_and_apply`. Calling this object runs ``fn`` jitted with
+    ``sync`` static, so the program of a non-sync step is the inner optimizer's step and never reads the
     slow weights, and the sync step computes the inner update once. The counter lives in
     Python: ``count`` and ``period`` are read from the state once, at the first call (and
     at :meth:`resync`); from then on this object counts.
@@ -307,8 +311,8 @@ class StaticSyncStep:
     stepped elsewhere. Call :meth:`resync` after such a change.
 
     With ``offload=True`` the lookahead's slow weights and outer state live in
-    ``pinned_host`` memory (see :func:`lookahead_optax.experimental.offload_state`; moved there at the
-    first call if needed): a non-sync step does not receive them at all, and the sync
+    ``pinned_host`` memory (see :func:`lookahead_optax.experimental.offload_state`; moved
+    there at the first call if needed): a non-sync step does not receive them at all, and the sync
     step, the only executable that touches them, moves them to the device, updates them
     and moves them back. The device then holds no more than the inner optimizer's state
     (plus three int32 counters). The state returned by a call holds the host arrays.
@@ -373,7 +377,7 @@ class StaticSyncStep:
 
     def next_call_syncs(self) -> bool | None:
         """Whether the next call syncs, from the Python counter (None before the first call)."""
-        if self._count is None:
+        if self._count is None or self._period is None:
             return None
         return self._count + 1 >= self._period
 
@@ -402,7 +406,7 @@ class StaticSyncStep:
         out, self._agreed = program(self._agreed, *args, **kwargs)
         out = reattach(out)
         self.calls += 1
-        self._count = 0 if sync else self._count + 1
+        self._count = 0 if sync or self._count is None else self._count + 1
         if sync:
             self._agreed_at_last_sync = self._agreed
         return out
@@ -426,8 +430,9 @@ class StaticSyncStep:
         return program.lower(self._agreed, *args, **kwargs)
 
     def _decide(self, args: tuple, kwargs: dict) -> bool:
-        if self._count is None:
+        if self._count is None or self._period is None:
             self.resync((args, kwargs))
+        assert self._count is not None and self._period is not None
         return self._count + 1 >= self._period
 
     def _prepare(self, sync: bool, args: tuple, kwargs: dict):
@@ -517,7 +522,7 @@ def _land_on_slow(
     step's params (same structure; a wrapper that reshapes params keeps the applied update).
     """
     (new,) = find_states(new_opt_state)
-    treedef = jax.tree.structure(new.slow, is_leaf=is_masked)
+    treedef: Any = jax.tree.structure(new.slow, is_leaf=is_masked)  # PyTreeDef: no stubs
     try:
         flat_params = treedef.flatten_up_to(new_params)
     except (ValueError, TypeError):

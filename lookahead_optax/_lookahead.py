@@ -364,6 +364,7 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
     """One step: ``sync`` decided in Python (True/False), or None: traced from the state."""
     params = jax.tree.map(jnp.asarray, params)  # Python-float leaves, as optax allows
     count = state.count + 1
+    syncs: list[Any]  # per fragment: a Python bool (decided) or traced
     if sync is None:
         wrap = count >= state.period
         syncs = _steps.fragment_syncs(count, state.period, config.fragments)
@@ -374,7 +375,9 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
         return config.stepper.update(updates, inner_state, params, **extra_args)
 
     adaptive = isinstance(config.alpha, AdaptiveAlpha)
-    first = sync is not None or adaptive or _steps.has_effects(lambda: inner_step(state.inner_state))
+    first = (
+        sync is not None or adaptive or _steps.has_effects(lambda: inner_step(state.inner_state))
+    )
     inner_result = inner_step(state.inner_state) if first else None  # notes 4 and 5
     step_alpha, adaptive_state = _step_alpha(config, state, wrap, updates, params, inner_result)
     outer_step = (
@@ -433,7 +436,8 @@ def _step_alpha(config, state, wrap, updates, params, inner_result):
 
 def _land(slow, new_parts, syncs, params, inner_updates, mixing=0.0):
     """The new slow weights (each leaf from its fragment) and the returned updates (note 2)."""
-    flat_slow, treedef = jax.tree.flatten(slow, is_leaf=is_masked)
+    flat_slow, structure = jax.tree.flatten(slow, is_leaf=is_masked)
+    treedef: Any = structure  # PyTreeDef: no stubs
     flat_parts = [treedef.flatten_up_to(part) for part in new_parts]
     new_slow, flags = [], []
     for i, old in enumerate(flat_slow):
@@ -509,7 +513,8 @@ def _select(part, tree):
 
 def _merge(tree, parts):
     """``tree`` with each leaf taken from the fragment that owns it (kept where none does)."""
-    flat, treedef = jax.tree.flatten(tree, is_leaf=is_masked)
+    flat, structure = jax.tree.flatten(tree, is_leaf=is_masked)
+    treedef: Any = structure  # PyTreeDef: no stubs
     flat_parts = [treedef.flatten_up_to(part) for part in parts]
     out = []
     for i, old in enumerate(flat):

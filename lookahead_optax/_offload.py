@@ -71,7 +71,7 @@ def transfer(x: Any, kind: str) -> Any:
     if space is not None and hasattr(space, "Space"):
         target = space.Space.Host if kind == HOST else space.Space.Device
     else:  # older jax
-        target = jax.sharding.TransferToMemoryKind(kind)
+        target = jax.sharding.TransferToMemoryKind(kind)  # type: ignore[attr-defined]
     return jax.device_put(x, target)
 
 

@@ -125,5 +125,6 @@ def at_sync(
             return reset(mask, inner_state, match_types(init(restart), inner_state))
 
         return when_syncing(fresh_state, match_types(inner_state, inner_state)), None
+    assert alpha is not None  # pullback needs alpha: refused with outer= at construction
     pulled = when_syncing(lambda: pullback(mask, cycle_start, inner_state, alpha), inner_state)
     return pulled, when_syncing(lambda: pulled, cycle_start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def slow_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
             "slow_params found no LookaheadState in opt_state: pass the state of a "
             "transformation built with lookahead_optax.lookahead"
         )
-    variable = _nnx_variable_type() or ()
+    variable: Any = _nnx_variable_type() or ()
 
     def is_leaf(x) -> bool:
         return isinstance(x, (optax.MaskedNode, variable))

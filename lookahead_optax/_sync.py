@@ -125,7 +125,7 @@ def average(
     to each worker's pseudo-gradient first and the new residual returned (else None).
     """
     per_worker = _per_worker(slow, params, inner_updates, where)
-    treedef = jax.tree.structure(slow, is_leaf=is_masked)
+    treedef: Any = jax.tree.structure(slow, is_leaf=is_masked)  # PyTreeDef: no stubs
     flat_per_worker = treedef.flatten_up_to(per_worker)
     if _comm.is_quantized(where.communication_dtype):
         flat_residual = None if residual is None else treedef.flatten_up_to(residual)

@@ -80,7 +80,8 @@ def fragment_trees(tree: Any, fragments: int) -> list[Any]:
     """
     if fragments == 1:
         return [floats_only(tree)]
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves, structure = jax.tree.flatten(tree)
+    treedef: Any = structure  # PyTreeDef: no stubs
     sizes = [int(np.prod(np.shape(x))) if is_inexact(x) else 0 for x in leaves]
     total, start, owner = max(sum(sizes), 1), 0, []
     for size in sizes:
@@ -88,7 +89,10 @@ def fragment_trees(tree: Any, fragments: int) -> list[Any]:
         start += size
     return [
         treedef.unflatten(
-            [x if o == j and size else optax.MaskedNode() for x, o, size in zip(leaves, owner, sizes)]
+            [
+                x if o == j and size else optax.MaskedNode()
+                for x, o, size in zip(leaves, owner, sizes)
+            ]
         )
         for j in range(fragments)
     ]

@@ -136,7 +136,8 @@ def resize_workers(
         return np.ndim(_value(x)) >= 1 and np.shape(_value(x))[0] == old
 
     # New workers' params: the slow weights where the lookahead syncs, else worker 0's.
-    param_leaves, param_def = jax.tree.flatten(params, is_leaf=is_leaf)
+    param_leaves, structure = jax.tree.flatten(params, is_leaf=is_leaf)
+    param_def: Any = structure  # PyTreeDef: no stubs
     slow_leaves = jax.tree.leaves(
         state.slow, is_leaf=lambda x: is_masked(x) or bool(is_leaf and is_leaf(x))
     )
@@ -269,7 +270,7 @@ def shard_worker_axis_like(tree: Any, params: Any) -> Any:
         return tree
     sharding = getattr(jax.typeof(leaves[0]), "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if not spec or spec[0] is None:
+    if sharding is None or not spec or spec[0] is None:
         return tree
     target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))
 
@@ -287,7 +288,9 @@ def first_worker(p: jax.Array) -> jax.Array:
     """``p[0]`` exactly, written as a reduction over the worker axis: slicing an axis that an
     Explicit mesh shards is not allowed, a reduction is (one all-reduce, at init only)."""
     if jnp.issubdtype(p.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(first_worker(jax.random.key_data(p)), impl=p.dtype._impl)
+        return jax.random.wrap_key_data(
+            first_worker(jax.random.key_data(p)), impl=jax.random.key_impl(p)
+        )
     first = jnp.arange(p.shape[0]).reshape((-1,) + (1,) * (p.ndim - 1)) == 0
     if p.dtype == jnp.bool_:
         return jnp.any(first & p, axis=0)
@@ -311,7 +314,8 @@ def worker_axis_is_local(x: jax.Array) -> bool:
         # Even on a one-device Explicit mesh a spec naming the worker axis is part of the
         # type: the reduction keeps it (stacked slices would lose it, and a cond's branches
         # would differ: float32[4] against float32[4@workers]).
-        return not sharding.spec or sharding.spec[0] is None
+        spec = getattr(sharding, "spec", None)
+        return not spec or spec[0] is None
     return mesh.size == 1
 
 
