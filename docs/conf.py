@@ -317,5 +317,6 @@ def setup(app):
     app.connect("build-finished", write_source_files)
     app.connect("html-page-context", search_page_math, priority=400)  # before sphinx.ext.mathjax
 
+
 # No Python module index page: the API page lists the two submodules.
 html_domain_indices = False

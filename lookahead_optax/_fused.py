@@ -296,10 +296,10 @@ class StaticSyncStep:
 
     ``fn(*args, sync, **kwargs)`` is your step; it passes ``sync`` (a Python bool) to
     :func:`~lookahead_optax.update_and_apply`. Calling this object runs ``fn`` jitted with
-    ``sync`` static, so the program of a non-sync step is the inner optimizer's step and never reads the
-    slow weights, and the sync step computes the inner update once. The counter lives in
-    Python: ``count`` and ``period`` are read from the state once, at the first call (and
-    at :meth:`resync`); from then on this object counts.
+    ``sync`` static, so the program of a non-sync step is the inner optimizer's step and
+    never reads the slow weights, and the sync step computes the inner update once. The
+    counter lives in Python: ``count`` and ``period`` are read from the state once, at the
+    first call (and at :meth:`resync`); from then on this object counts.
 
     A wrong decision cannot pass silently: every executable also computes, on the device,
     whether ``count + 1 >= period`` of the state it was given agreed with its ``sync``, and
