@@ -997,7 +997,8 @@ def comm_markdown(report: dict, command: str) -> str:
         lines.append(
             f"| {result['label']} | {_fmt(result['loss'])} | "
             f"{_fmt(result['accuracy'], 2, 100)} | {diff_text} | {result['wire_bytes']:,.0f} | "
-            f"{result['wire_bytes'] / base['wire_bytes']:.3f} | {', '.join(result['collectives'])} |"
+            f"{result['wire_bytes'] / base['wire_bytes']:.3f} | "
+            f"{', '.join(result['collectives'])} |"
         )  # fmt: skip
     lines += ["", "Mean ± sample std over seeds (paired differences: mean ± std over seeds), at "
               "equal steps and examples; DiLoCo at its slow weights. Wire bytes: each compiled "

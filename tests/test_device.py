@@ -302,7 +302,9 @@ def test_offloaded_steps_equal_the_in_device_lookahead(name):
     if name == "slow_dtype_f32_of_bf16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     in_device = lo.experimental.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1))
-    offloaded = lo.experimental.StaticSyncStep(static_train_step(tx), donate_argnums=(0, 1), offload=True)
+    offloaded = lo.experimental.StaticSyncStep(
+        static_train_step(tx), donate_argnums=(0, 1), offload=True
+    )
     # update_and_apply's cond path: it lands on the slow weights exactly, as these do.
     history = run_steps(tx, params, num_steps=NUM_STEPS, fused=True)
     a = jax.tree.map(jnp.copy, (params, tx.init(params)))

@@ -11,6 +11,7 @@ import pytest
 
 import lookahead_optax as lo
 
+
 class _TestState(NamedTuple):
     agg: optax.Params
     is_reset: bool
@@ -55,7 +56,11 @@ def _restore(path, target):
 @pytest.mark.parametrize("case", ["outer", "workers"])
 def test_a_030_checkpoint_restores_bit_for_bit_and_continues(case):
     """tests/data/v030 was written by 0.3.0 (tests/data/make_v030_checkpoint.py)."""
-    params = {"w": jnp.arange(6.0).reshape(3, 2) / 7, "b": jnp.array([0.5, -1.0]), "n": jnp.int32(3)}
+    params = {
+        "w": jnp.arange(6.0).reshape(3, 2) / 7,
+        "b": jnp.array([0.5, -1.0]),
+        "n": jnp.int32(3),
+    }
     if case == "outer":
         tx = lo.lookahead(optax.adam(0.1), k=3, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
     else:
