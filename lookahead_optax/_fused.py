@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, find_states, the_state
-from lookahead_optax._tree import is_inexact, is_masked
+from lookahead_optax._tree import is_inexact, is_masked, widened
 
 Formulation = Literal["cond", "select"]
 FORMULATIONS = ("cond", "select")
@@ -228,6 +228,12 @@ def _probe(tx, grads, opt_state, params, **extra_args) -> SyncHint:
         return hint
     hint = SyncHint(states[0].count, True)
     jax.eval_shape(lambda: tx.update(grads, opt_state, params, **extra_args, **{HINT_KEY: hint}))
+    if hint.seen > 1:  # e.g. a wrapper that steps the lookahead twice per call
+        hint.taken = False
+        hint.refused = (
+            f"tx steps the lookahead {hint.seen} times per call: one sync decision cannot "
+            "cover them"
+        )
     return hint
 
 
@@ -531,12 +537,14 @@ def _land_on_slow(
     pairs = [(p, s) for p, s in zip(flat_params, flat_slow) if not is_masked(s) and is_inexact(p)]
     if any(jnp.shape(p)[jnp.ndim(p) - jnp.ndim(s) :] != jnp.shape(s) for p, s in pairs):
         return new_params
-    synced = new.syncs != state.syncs
+    # Synced on this call, and nothing stepped the lookahead after its sync (a wrapper that
+    # steps it twice per call, or apply_if_finite that discarded the step, keeps its update).
+    synced = (new.syncs != state.syncs) & (new.count == 0)
 
     def land(p: Any, s: Any) -> Any:
         if is_masked(s) or not is_inexact(p):
             return p
-        target = jnp.broadcast_to(s.astype(p.dtype), jnp.shape(p))
+        target = jnp.broadcast_to(widened(s, p.dtype), jnp.shape(p))
         sharding = getattr(jax.typeof(p), "sharding", None)
         if any(getattr(sharding, "spec", None) or ()) and jax.typeof(target).sharding != sharding:
             # Explicit mesh: the broadcast worker axis is not sharded as p's; select needs it.

@@ -149,12 +149,14 @@ class SyncHint:
         self.sync = sync
         self.taken = False
         self.refused: str | None = None  # why the lookahead it was for could not take it
+        self.seen = 0  # lookahead updates that received it (more than one: not fused)
 
     def take(self, count: Array, fragments: int = 1) -> bool | None:
         """Called by a lookahead's update with its state's ``count``: the decided sync if
         this hint is for that state (and ``taken`` set), else None (decide as usual). A
         lookahead with several fragments has no single sync decision: it records that in
         ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
+        self.seen += 1
         if count is not self.count:
             return None
         if fragments != 1:

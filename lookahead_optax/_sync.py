@@ -25,7 +25,7 @@ import optax
 
 from lookahead_optax import _comm, _workers
 from lookahead_optax._state import SyncStats
-from lookahead_optax._tree import is_inexact, is_masked, match_types, promote
+from lookahead_optax._tree import is_inexact, is_masked, match_types, promote, widened
 
 OuterStep = Callable[[Any, Any, Any], tuple[Any, Any]]  # (Delta, outer state, phi) -> (v, state)
 
@@ -167,7 +167,7 @@ def update_onto_slow(slow: Any, p: Any, u: Any, synced: bool | jax.Array) -> Any
     # Aim at phi as the params can hold it: with bf16 params and f32 slow weights, the
     # difference of two bf16 numbers is exact (Sterbenz) where a rounded f32 one is not.
     wide = promote(slow.dtype, p.dtype)
-    target = slow.astype(p.dtype).astype(wide)
+    target = widened(widened(slow, p.dtype), wide)
     to_slow = (target - p.astype(wide)).astype(out_dtype)
     return to_slow if synced is True else jnp.where(synced, to_slow, u.astype(out_dtype))
 

@@ -50,6 +50,24 @@ def slow_dtype_for(leaf: Any, slow_dtype: Any) -> Any:
     return slow_dtype
 
 
+def widened(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` cast to the wider ``dtype`` with ``x``'s rounding kept.
+
+    XLA may skip a rounding to a narrow float inside a fusion (``xla_allow_excess_precision``),
+    so ``x.astype(f32)`` of a bf16 ``x`` computed in the same program can carry f32 digits
+    the stored bf16 ``x`` does not have; ``reduce_precision`` is never skipped.
+    """
+    out = x.astype(dtype)
+    if (
+        jnp.issubdtype(x.dtype, jnp.floating)
+        and jnp.issubdtype(out.dtype, jnp.floating)
+        and jnp.finfo(x.dtype).bits < jnp.finfo(out.dtype).bits
+    ):
+        info = jnp.finfo(x.dtype)
+        out = jax.lax.reduce_precision(out, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return out
+
+
 def gated(x: Any, gate: jax.Array) -> Any:
     """``x`` where ``gate`` is True (always: only the data dependence on it matters)."""
     if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.number)):

@@ -237,21 +237,6 @@ KNOWN_BROKEN: list[Broken] = [
         strict=False,
     ),
     Broken(
-        "issue 18 (silent wrong results), the landing of 580406e: on update_and_apply's fused "
-        "path with slow_dtype=bfloat16 and float32 params, the params after a sync are not "
-        "the slow weights (e.g. 0.27185 where slow_params is 0.27148, workers=3; 0.011139 vs "
-        "0.011108 without workers); tx.update lands on them, and so does update_and_apply "
-        "on a mesh",
-        lambda c: (
-            c.entry != "update"
-            and c.slow_dtype == "bfloat16"
-            and c.fragments == 1
-            and c.wrapper not in ("multisteps", "apply_if_finite")
-            and c.workers != "mesh"
-        ),
-        frozenset({"exact"}),
-    ),
-    Broken(
         "found by this matrix, not in issue 18: StaticSyncStep under vmap(axis_name=...) "
         "reads the per-worker (batched) count of the states as one Python int: 'TypeError: "
         "only 0-dimensional arrays can be converted to Python scalars'",
@@ -1059,33 +1044,13 @@ def test_a_wrapper_stepping_the_lookahead_twice_per_call_syncs_every_k_of_its_st
     assert [syncs for _, syncs in got] == [syncs for _, syncs in expected] == [0, 1, 2, 2, 3, 4]
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [
-        "update",
-        pytest.param(
-            "update_and_apply",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="found by this test (since 580406e, not in issue 18): update_and_apply "
-                "sets the params to phi when the lookahead synced during the call, even where "
-                "the wrapper stepped it again after the sync (call 1: params at phi, the second "
-                "step's update dropped)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("entry", ["update", "update_and_apply"])
 def test_a_wrapper_stepping_the_lookahead_twice_per_call_follows_the_reference(entry):
     got, expected = _run_twice_per_call(entry)
     for call, ((params, _), (want, _)) in enumerate(zip(got, expected)):
         np.testing.assert_allclose(params, want, rtol=1e-5, err_msg=f"call {call}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 (tests that cannot fail today): fused_path_taken says True for a wrapper "
-    "that steps the lookahead twice, though one decision cannot cover its two steps",
-)
 def test_fused_path_is_not_claimed_for_a_wrapper_that_steps_the_lookahead_twice():
     tx = _steps_twice(lo.lookahead(optax.sgd(0.1), k=3))
     params = {"w": jnp.array([1.0, -2.0, 0.5])}
