@@ -11,8 +11,9 @@ once ``benchmarks/device.py`` has measured them there.
 - :func:`default_formulation`: the formulation ``update_and_apply`` uses per backend.
 """
 
-from lookahead_optax._fused import StaticSyncStep, default_formulation
+from lookahead_optax._fused import default_formulation
 from lookahead_optax._offload import memory_kinds_supported, offload_state, onload_state
+from lookahead_optax._static import StaticSyncStep
 
 __all__ = [
     "StaticSyncStep",
