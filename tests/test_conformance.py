@@ -1124,3 +1124,31 @@ def test_communication_dtype_rounds_each_workers_delta_and_their_mean_once(
     np.testing.assert_allclose(slow["r"], expected(real.astype(np.float64)), rtol=1e-6)
     np.testing.assert_allclose(slow["c"], expected(cplx.astype(np.complex128)), rtol=1e-6)
     assert np.all(np.isfinite(slow["r"])) and np.all(np.imag(slow["c"]) != 0)
+
+
+def _hands_on_a_changed_state(tx: optax.GradientTransformation):
+    """A wrapper that steps the lookahead once, from a state it changed (count one step on)."""
+    tx = optax.with_extra_args_support(tx)
+
+    def update(grads, state, params=None, **extra_args):
+        moved = state._replace(count=(state.count + 1) % state.period)
+        return tx.update(grads, moved, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def test_a_decision_read_from_one_state_does_not_reach_a_changed_one():
+    """update_and_apply decides from the state it reads; a wrapper that hands the lookahead
+    another state gets the lookahead's own decision (the fused path is not taken)."""
+    tx = _hands_on_a_changed_state(lo.lookahead(optax.sgd(0.1), k=3, alpha=0.5))
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    assert lo.fused_path_taken(tx, params, tx.init(params), params) is False
+    fused = jax.jit(lambda p, s: lo.update_and_apply(tx, p, s, p))
+    two_calls = jax.jit(
+        lambda p, s: (optax.apply_updates(p, tx.update(p, s, p)[0]), tx.update(p, s, p)[1])
+    )
+    a = b = (params, tx.init(params))
+    for call in range(6):
+        a, b = fused(*a), two_calls(*b)
+        np.testing.assert_array_equal(a[0]["w"], b[0]["w"], err_msg=f"call {call}")
+        assert int(a[1].syncs) == int(b[1].syncs)
