@@ -12,6 +12,7 @@ import optax
 
 from lookahead_optax._adaptive import AdaptiveAlpha
 from lookahead_optax._state import LookaheadState
+from lookahead_optax._tree import is_inexact, is_masked
 
 INNER_STATE_POLICIES = ("keep", "reset", "pullback")
 MAX_K = 2**31 - 1  # the counters are int32
@@ -19,19 +20,6 @@ MAX_K = 2**31 - 1  # the counters are int32
 
 def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
-
-
-def is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def is_inexact(x: Any) -> bool:
-    """Floating or complex: the leaves Lookahead interpolates (Python floats included)."""
-    if isinstance(x, (bool, np.bool_)):
-        return False
-    if isinstance(x, (float, complex)):
-        return True
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def check_inner(inner: Any, name: str = "inner", example: str = "optax.adam(1e-3)") -> None:

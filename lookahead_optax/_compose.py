@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax._checks import is_inexact, is_masked
 from lookahead_optax._state import LookaheadState, find_states, replace_states
+from lookahead_optax._tree import is_inexact, is_masked
 
 # The largest difference between the params and the slow weights after a sync that passes,
 # in ulps of the params' dtype relative to max(|slow|, 1). A correct sync lands within a

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax._checks import is_inexact
 from lookahead_optax._state import find_states
+from lookahead_optax._tree import is_inexact
 from lookahead_optax._workers import first_worker
 
 

@@ -101,8 +101,9 @@ def resize_workers(
       >>> params["w"].shape, opt_state.inner_state[0].mu["w"].shape
       ((2, 2), (2, 2))
     """
-    from lookahead_optax._checks import check_worker_axes, check_worker_count, is_masked
+    from lookahead_optax._checks import check_worker_axes, check_worker_count
     from lookahead_optax._state import is_lookahead_state, the_state
+    from lookahead_optax._tree import is_masked
 
     workers = check_worker_count(workers)
     state = the_state(opt_state, "resize_workers' opt_state")
