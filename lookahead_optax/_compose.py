@@ -129,15 +129,7 @@ def check_composition(
             "design: check the same chain built with mixing=0"
         )
     if grads is None:
-        leaves, structure = jax.tree.flatten(params)
-        treedef: Any = structure  # PyTreeDef: no stubs
-        keys = jax.random.split(jax.random.key(0), len(leaves))
-        grads = treedef.unflatten(
-            [
-                jax.random.normal(key, jnp.shape(p), jnp.result_type(p)) if is_inexact(p) else p
-                for key, p in zip(keys, leaves)
-            ]
-        )
+        grads = _random_grads(params)
     periods = [int(state.period) for state in states]
 
     def trial(counts: list[int]) -> list[dict[int, float]]:
@@ -180,3 +172,16 @@ def check_composition(
             "weight decay and reduce_on_plateau inside it, "
             "lookahead(optax.chain(..., inner_optimizer, ...)), or before it."
         )
+
+
+def _random_grads(params: Any) -> Any:
+    """Standard normal gradients for the floating leaves of ``params`` (others as they are)."""
+    leaves, structure = jax.tree.flatten(params)
+    treedef: Any = structure  # PyTreeDef: no stubs
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    return treedef.unflatten(
+        [
+            jax.random.normal(key, jnp.shape(p), jnp.result_type(p)) if is_inexact(p) else p
+            for key, p in zip(keys, leaves)
+        ]
+    )

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax import _checks, _comm, _policies, _steps, _sync, _workers
+from lookahead_optax import _checks, _comm, _consistency, _policies, _steps, _sync, _workers
 from lookahead_optax._adaptive import AdaptiveAlpha
 from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint
 from lookahead_optax._tree import (
@@ -52,122 +52,62 @@ def lookahead(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookahead: k fast steps of ``inner``, then one slow step back.
 
-    Every ``update`` call is one step of the inner optimizer. On calls k, 2k,
-    3k, ... the sync happens inside that same call: with :math:`\theta_k` the
-    params plus the inner update and :math:`\phi` the slow weights,
+    Every ``update`` call is one step of the inner optimizer. On calls k, 2k, ... the
+    sync happens inside that same call: with :math:`\theta_k` the params plus the inner
+    update and :math:`\phi` the slow weights (a copy of the initial params at first),
+    :math:`\phi \leftarrow \phi + \alpha (\theta_k - \phi)`, and the returned update moves
+    the params to the new :math:`\phi`. Other calls return the inner update unchanged.
+    Params, gradients and updates stay plain pytrees; only floating and complex leaves
+    sync (int, bool and key leaves get the inner optimizer's updates). Evaluate
+    :func:`lookahead_optax.slow_params`; :func:`lookahead_optax.update_and_apply` takes
+    the same step faster in a hand-written training step.
 
-    .. math::
-        \phi \leftarrow \phi + \alpha (\theta_k - \phi),
-
-    and the returned update moves the params to the new :math:`\phi`. On every
-    other call the update is exactly the inner optimizer's. The slow weights
-    start as a copy of the initial params. Params, gradients and updates stay
-    plain pytrees, so this drops into ``optax.chain``, Flax's ``TrainState``
-    and ``nnx.Optimizer``. Evaluate the slow weights with
-    :func:`lookahead_optax.slow_params`. In a hand-written training step,
-    :func:`lookahead_optax.update_and_apply` takes the same step faster.
-
-    **Composition rule.** Nothing after a lookahead may change the updates it
-    returns: a sync's update must move the params exactly onto the slow
-    weights. Put learning rates, clipping, weight decay and
-    ``reduce_on_plateau`` inside ``inner`` (``lookahead(optax.chain(clip,
-    adam, decay))``) or before the lookahead (``optax.chain(clip,
-    lookahead(adam))``), never after it. :func:`lookahead_optax.check_composition`
-    tests a transformation for this once.
-
-    Only floating (and complex) leaves of params take part in the sync. Leaves
-    of other dtypes (int, bool, PRNG keys) are the inner optimizer's business:
-    their updates pass through unchanged.
+    Nothing after a lookahead may change its updates (put clipping, schedules and weight
+    decay inside ``inner`` or before the lookahead): docs page "Semantics";
+    :func:`lookahead_optax.check_composition` tests a pipeline once.
 
     Args:
-      inner: The inner ("fast") optimizer, an optax ``GradientTransformation``.
-        Extra keyword arguments given to ``update`` (``value``, ``grad``,
-        ``value_fn``, ...) are passed to it.
-      k: Sync period, an int in [1, 2**31 - 1] (or a traced integer scalar,
-        e.g. under ``optax.inject_hyperparams``). A changed ``k`` takes effect
-        from the next cycle (see ``LookaheadState.period``).
-      alpha: Slow step size in (0, 1] (default 0.5), a scalar array, or a
-        schedule: a callable of the sync index j = 0, 1, 2, ... (the j-th sync
-        uses ``alpha(j)``), or :func:`lookahead_optax.adaptive_alpha` (the
-        paper's line search on a diagonal quadratic model). ``alpha=1``
-        recovers the inner optimizer. ``alpha=a`` is ``outer=optax.sgd(a)``,
-        bit for bit.
-      outer: An optax transformation for the slow step, instead of ``alpha``.
-        At each sync it is applied to the pseudo-gradient
-        :math:`\Delta = \phi - \theta_k` with the slow weights as params,
-        ``u, outer_state = outer.update(Delta, outer_state, phi)``, and
-        :math:`\phi \leftarrow \phi + u`. Its state lives in
-        ``LookaheadState.outer_state`` (initialised on the slow weights, so in
-        ``slow_dtype``) and changes on sync calls only; a schedule inside it
-        counts syncs. ``optax.sgd(lr, momentum=mu, nesterov=True)`` is SNOO's
-        and DiLoCo's outer step: it computes ``b <- mu b + Delta;
-        phi <- phi - lr (Delta + mu b)``, what ``torch.optim.SGD(nesterov=True,
-        dampening=0)`` computes with Delta as the gradient (DiLoCo: lr 0.7,
-        mu 0.9). Any chain works (Adam, clipping of Delta, schedules).
-      inner_state: What happens to the inner state at a sync; it acts on the
-        leaves of the inner state shaped like the params (moments, momentum
-        traces: those ``optax.tree_map_params`` maps). ``"keep"`` (default)
-        carries everything over. ``"reset"`` re-initialises, from the new
-        params, every state record that holds such leaves (Adam's moments with
-        their bias-correction count); records without them (learning-rate
-        schedules, ``inject_hyperparams``' count and values,
-        ``reduce_on_plateau``) keep their values, so schedules keep decaying.
-        ``"pullback"`` interpolates those leaves like the weights,
-        ``s <- s0 + alpha (s - s0)`` with ``s0`` the inner state at the start
-        of the cycle, and leaves every other leaf (counters, scalars such as an
-        injected learning rate or a line search's values) alone. Pullback
-        stores ``s0``: one extra copy of the inner state.
-      slow_dtype: Floating dtype to store and update the slow weights in, e.g.
-        ``jnp.float32`` for bf16 params, so the small slow steps are not
-        rounded away. Default: the params' dtype. Complex leaves keep complex
-        slow weights of that precision.
-      workers: Many workers (DiLoCo): params, grads, updates and the inner
-        states carry a leading worker axis of size ``workers``
-        (:func:`lookahead_optax.replicate` makes it); each worker runs ``inner``
-        on its own slice and a sync averages the workers' pseudo-gradients. See
-        the docs page "Outer optimizers (SNOO) and DiLoCo".
-      axis_name: The same inside your own ``shard_map``, ``pmap`` or
-        ``vmap(axis_name=...)``: params have one worker's shapes and the sync
-        averages with ``lax.pmean(..., axis_name)``.
-      communication_dtype: The dtype each worker's pseudo-gradient is rounded
-        to for the exchange (e.g. ``jnp.bfloat16``); the mean accumulates in at
-        least float32. Default: the slow dtype.
-      fragments: Streaming DiLoCo: the floating leaves split into this many
-        contiguous groups that sync in turn, each with its own outer state
-        (``k`` a multiple of it). See the docs page "Outer optimizers (SNOO)
+      inner: The inner optimizer, an optax ``GradientTransformation``; ``update``'s extra
+        keyword arguments (``value``, ``grad``, ...) are passed to it.
+      k: Sync period, an int in [1, 2**31 - 1] or a traced integer scalar (under
+        ``optax.inject_hyperparams``); a changed ``k`` applies from the next cycle.
+      alpha: Slow step size in (0, 1] (default 0.5), a scalar array, a schedule of the
+        sync index j = 0, 1, ..., or :func:`lookahead_optax.adaptive_alpha`.
+        ``alpha=a`` is ``outer=optax.sgd(a)`` bit for bit; ``alpha=1`` is ``inner``.
+      outer: Any optax transformation for the slow step instead of ``alpha``: at each
+        sync ``u, s = outer.update(Delta, s, phi)`` with :math:`\Delta = \phi - \theta_k`,
+        then :math:`\phi \leftarrow \phi + u` (``optax.sgd(0.7, momentum=0.9,
+        nesterov=True)`` is SNOO's and DiLoCo's step). Docs page "Outer optimizers (SNOO)
         and DiLoCo".
-      overlap: Streaming DiLoCo's overlapped communication (torchft's
-        ``fragment_sync_delay``), an int in [0, k / fragments): each fragment's
-        pseudo-gradient is taken ``overlap`` steps before its sync, from the
-        params the call receives (the fast weights after step ``s - overlap``),
-        and its average is kept in ``LookaheadState.in_flight`` (one slow-sized
-        buffer) until the sync applies it. No step in between reads it, so the
-        collective can run beside them. 0 or None (default): taken at the sync.
-        Needs a Python int ``k`` and a fixed alpha or ``outer``; ``sync_stats``
-        then describe the pseudo-gradient sent.
-      mixing: torchft's ``fragment_update_alpha``, in [0, 1]: at a sync each
-        worker's params land on ``phi + mixing (theta - phi)`` (``phi`` the new
-        slow weights, ``theta`` its fast weights of that step) instead of on
-        ``phi``. 0 or None (default) lands on ``phi``; 1 leaves the fast weights.
-      communication_block: With ``communication_dtype=jnp.int8`` (or a float8
-        dtype such as ``jnp.float8_e4m3fn``), the number of values that share
-        one float32 scale (default 256). A quantized ``communication_dtype``
-        exchanges the pseudo-gradients as blocks of that type: an all-to-all of
-        quantized chunks, a float32 sum of each chunk on its worker,
-        requantized, then an all-gather (the wire carries one byte per value
-        plus the scales). Needs ``workers`` or ``axis_name``.
-      error_feedback: With a quantized ``communication_dtype``: each worker
-        keeps what quantizing its pseudo-gradient lost and adds it to its next
-        one. Costs one params-sized float32 buffer per worker
-        (``LookaheadState.residual``). Default None: off.
-      sync_stats: With ``workers`` or ``axis_name``, whether each sync
-        computes :class:`lookahead_optax.SyncStats` (the pseudo-gradient norm
-        and each worker's drift; default True). They read every worker's
-        pseudo-gradient once more: on XLA:CPU that keeps the params-sized
-        pseudo-gradients in memory and makes the sync step about twice as slow
-        (docs page "Performance"). ``False`` skips them: the state keeps its
-        ``sync_stats`` record (same tree, so checkpoints of either setting
-        restore into the other), filled with NaN.
+      inner_state: At a sync, ``"keep"`` (default) the inner state, ``"reset"`` its
+        params-shaped records (schedules keep counting), or ``"pullback"`` interpolate
+        them like the weights (stores one more copy). Docs page "Inner state, alpha
+        schedules, adaptive alpha, fp32 slow weights".
+      slow_dtype: Floating dtype of the slow weights (e.g. ``jnp.float32`` for bf16
+        params). Default: the params' dtype.
+      workers: DiLoCo with N workers on a leading axis of params, grads and inner states
+        (:func:`lookahead_optax.replicate` makes it); a sync averages their
+        pseudo-gradients.
+      axis_name: The same inside your own ``shard_map``, ``pmap`` or ``vmap``: params have
+        one worker's shapes and the sync averages over ``axis_name``.
+      communication_dtype: The dtype each worker's pseudo-gradient travels in (e.g.
+        ``jnp.bfloat16``; the mean accumulates in float32), or a quantized one
+        (``jnp.int8``, ``jnp.int4``, ``jnp.int2``, ``jnp.float8_e4m3fn``,
+        ``jnp.float8_e5m2``) sent in scaled blocks. Default: the slow dtype.
+      fragments: Streaming DiLoCo: the floating leaves sync in this many groups in turn,
+        each with its own outer state (``k`` a multiple of it).
+      overlap: Steps, in [0, k / fragments), that a fragment's pseudo-gradient travels
+        before its sync (torchft's ``fragment_sync_delay``); kept in
+        ``LookaheadState.in_flight``. Needs a Python int ``k``.
+      mixing: In [0, 1]: a sync lands each worker on ``phi + mixing (theta - phi)``
+        (torchft's ``fragment_update_alpha``). Default 0: on ``phi``.
+      communication_block: Values per float32 scale in a quantized exchange (default 256).
+      error_feedback: With a quantized exchange, each worker adds what its last
+        quantization lost to its next pseudo-gradient (``LookaheadState.residual``).
+      sync_stats: With ``workers`` or ``axis_name``, compute
+        :class:`lookahead_optax.SyncStats` at each sync (default True; ``False`` fills
+        them with NaN and saves a pass over the pseudo-gradients: docs page
+        "Performance").
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -175,10 +115,8 @@ def lookahead(
 
     Raises:
       TypeError: if ``inner`` or ``outer`` is not a GradientTransformation.
-      ValueError: if ``k``, ``alpha``, ``inner_state`` or ``slow_dtype`` is
-        not one of the allowed values (the message says which are), or
-        ``outer`` is given with ``alpha`` or with ``inner_state="pullback"``,
-        or ``workers``/``axis_name``/``communication_dtype`` are inconsistent.
+      ValueError: if an argument is not one of its allowed values or the arguments do
+        not go together; the message names the argument and what is allowed.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -192,11 +130,9 @@ def lookahead(
       ...     params = optax.apply_updates(params, updates)
       >>> params["w"]  # 0.5 * (1 + 0.9**2): half way back to the start
       Array([ 0.905, -1.81 ], dtype=float32)
-      >>> lo.slow_params(opt_state, params)["w"]
-      Array([ 0.905, -1.81 ], dtype=float32)
 
-      A Nesterov outer step (SNOO): the sync moves the slow weights by
-      ``-0.7 (Delta + 0.9 Delta)`` the first time, as the momentum starts at 0.
+      A Nesterov outer step (SNOO): Delta = 0.19 w0, and the first sync moves the slow
+      weights by ``-0.7 (Delta + 0.9 Delta)``.
 
       >>> tx = lo.lookahead(optax.sgd(0.1), k=2, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
       >>> params = {"w": jnp.array([1.0, -2.0])}
@@ -204,35 +140,20 @@ def lookahead(
       >>> for _ in range(2):
       ...     updates, opt_state = tx.update(params, opt_state, params)
       ...     params = optax.apply_updates(params, updates)
-      >>> params["w"]  # Delta = 0.19 w0; phi = w0 - 0.7 * 1.9 * 0.19 w0 = 0.7473 w0
+      >>> params["w"]
       Array([ 0.7473, -1.4946], dtype=float32)
 
     References:
-      Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step
-      back <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019.
-
-      Kallusky et al., `SNOO: Step-K Nesterov Outer Optimizer
-      <https://arxiv.org/abs/2510.15830>`_, 2025. Douillard et al., `DiLoCo:
-      Distributed Low-Communication Training of Language Models
+      Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step back
+      <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019. Kallusky et al., `SNOO
+      <https://arxiv.org/abs/2510.15830>`_, 2025. Douillard et al., `DiLoCo
       <https://arxiv.org/abs/2311.08105>`_, 2023.
     """
-    _checks.check_inner(inner)
-    _checks.check_k(k)
-    _checks.check_inner_state_policy(inner_state)
-    _checks.check_slow_dtype(slow_dtype)
-    if outer is None:
-        alpha = 0.5 if alpha is None else alpha
-        _checks.check_alpha(alpha)
-    else:
-        _checks.check_outer(outer, alpha, inner_state)
-    _checks.check_workers(workers, axis_name, communication_dtype, alpha)
-    if not isinstance(sync_stats, bool):
-        raise ValueError(f"sync_stats must be True or False, got {sync_stats!r}")
-    _checks.check_fragments(fragments, k, alpha, inner_state)
-    _checks.check_overlap(overlap, mixing, k, fragments, alpha)
-    _checks.check_quantized(
-        communication_dtype, communication_block, error_feedback, workers, axis_name
-    )
+    alpha = _checks.check_arguments(
+        inner, k, alpha, outer, inner_state, slow_dtype, workers, axis_name,
+        communication_dtype, fragments, overlap, mixing, communication_block,
+        error_feedback, sync_stats,
+    )  # fmt: skip
     inner = optax.with_extra_args_support(inner)
     config = _Config(
         inner=inner,
@@ -256,18 +177,15 @@ def lookahead(
     )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _checks.check_state(state, config)
-        _checks.check_trees(updates, params, state.slow, config.where.workers)
+        _consistency.check_state(state, config)
+        _consistency.check_trees(updates, params, state.slow, config.where.workers)
         hint = extra_args.pop(HINT_KEY, None)  # never forwarded to the inner optimizer
         # update_and_apply may have decided this call's sync (note 5); None: decide here.
-        sync = hint.take(state.count, config.fragments) if isinstance(hint, SyncHint) else None
-        if config.overlap and isinstance(hint, SyncHint) and hint.taken:
-            hint.taken, sync = False, None
-            hint.refused = (
-                f"the lookahead has overlap={config.overlap}: a pseudo-gradient is sent and "
-                "applied on different steps (as fragments > 1 sync on different steps), so "
-                "there is no single sync decision to take"
-            )
+        sync = (
+            hint.take(state.count, config.fragments, config.overlap)
+            if isinstance(hint, SyncHint)
+            else None
+        )
         return _update(config, updates, state, params, sync, extra_args)
 
     return optax.GradientTransformationExtraArgs(lambda params: _init(config, params), update_fn)
@@ -292,14 +210,14 @@ class _Config(NamedTuple):
 
 def _init(config: _Config, params: optax.Params) -> LookaheadState:
     where = config.where
-    _checks.check_worker_axes(params, where.workers)  # before vmap's own rank error
-    _checks.check_quantized_params(params, where.communication_dtype)
+    _consistency.check_worker_axes(params, where.workers)  # before vmap's own rank error
+    _consistency.check_quantized_params(params, where.communication_dtype)
 
     def copy(p):
         # A real copy (not an alias of params), so params and state can both be donated.
         p = jnp.asarray(p)
         if where.workers is not None:  # the shared slow weights start at worker 0's params
-            _checks.check_worker_axis(p, where.workers)
+            _consistency.check_worker_axis(p, where.workers)
             p = _workers.first_worker(p)
         dtype = slow_dtype_for(p, config.slow_dtype) if is_inexact(p) else None
         return jnp.array(p, dtype=dtype, copy=True)
@@ -384,19 +302,23 @@ def _update(config, updates, state, params, sync: bool | None, extra_args):
         _sync.alpha_step(step_alpha) if config.outer is None else _sync.optax_step(config.outer)
     )
     parts = fragment_trees(state.slow, config.fragments)
-    in_flight, residual = state.in_flight, state.residual
+    outer_in = _unpack(state.outer_state, config)
+    in_flight = state.in_flight
     if config.overlap:
-        new_parts, outer_states, stats, in_flight, residual = _overlapped(
-            config, state, parts, params, outer_step, syncs
+        new_parts, outer_states, stats, in_flight, residual = _steps.overlapped(
+            config, state, parts, outer_in, params, outer_step, syncs
         )
         inner_updates, new_inner_state = (
             inner_step(state.inner_state) if inner_result is None else inner_result
         )
     else:
-        new_parts, outer_states, stats, residual, (inner_updates, new_inner_state) = _synced(
-            config, state, parts, params, outer_step, syncs, inner_step, inner_result
-        )
-    new_slow, new_updates = _land(
+        new_parts, outer_states, stats, residual, (inner_updates, new_inner_state) = (
+            _steps.synced(
+                config, state, parts, outer_in, params, outer_step, syncs, inner_step,
+                inner_result,
+            )
+        )  # fmt: skip
+    new_slow, new_updates = _sync.land(
         state.slow, new_parts, syncs, params, inner_updates, config.mixing
     )
     new_inner_state, cycle_start = _policies.at_sync(
@@ -432,92 +354,3 @@ def _step_alpha(config, state, wrap, updates, params, inner_result):
         )  # fmt: skip
     alpha = config.alpha(state.syncs) if callable(config.alpha) else config.alpha
     return jnp.asarray(alpha), state.adaptive
-
-
-def _land(slow, new_parts, syncs, params, inner_updates, mixing=0.0):
-    """The new slow weights (each leaf from its fragment) and the returned updates (note 2)."""
-    flat_slow, structure = jax.tree.flatten(slow, is_leaf=is_masked)
-    treedef: Any = structure  # PyTreeDef: no stubs
-    flat_parts = [treedef.flatten_up_to(part) for part in new_parts]
-    new_slow, flags = [], []
-    for i, old in enumerate(flat_slow):
-        owners = [j for j, part in enumerate(flat_parts) if not is_masked(part[i])]
-        new_slow.append(flat_parts[owners[0]][i] if owners else old)
-        flags.append(syncs[owners[0]] if owners else False)
-    flat_params = treedef.flatten_up_to(params)
-    flat_updates = treedef.flatten_up_to(inner_updates)
-    new_updates = [
-        _sync.update_onto_mix(s, p, u, flag, mixing)
-        if mixing
-        else _sync.update_onto_slow(s, p, u, flag)
-        for s, p, u, flag in zip(new_slow, flat_params, flat_updates, flags)
-    ]
-    return treedef.unflatten(new_slow), treedef.unflatten(new_updates)
-
-
-def _synced(config, state, parts, params, outer_step, syncs, inner_step, inner_result):
-    """The syncs without overlap (``_steps.run``); with error feedback each fragment's
-    residual travels through the cond beside its outer state."""
-    outer_in = _unpack(state.outer_state, config)
-    feedback = config.error_feedback
-    if feedback:
-        outer_in = [(o, _select(part, state.residual)) for o, part in zip(outer_in, parts)]
-
-    def sync_part(j, inner_updates, outer_state, stats):
-        if not feedback:
-            return _sync.sync(
-                parts[j], outer_state, stats, params, inner_updates, outer_step, config.where
-            )
-        outer_state, res = outer_state
-        delta, stats, res = _sync.average(parts[j], stats, params, inner_updates, config.where, res)
-        new_part, outer_state = _sync.apply_outer(parts[j], delta, outer_state, outer_step)
-        return new_part, (outer_state, res), stats
-
-    new_parts, outer_out, stats, inner = _steps.run(
-        syncs, parts, outer_in, state.sync_stats, sync_part, inner_step, state.inner_state,
-        inner_result,
-    )  # fmt: skip
-    residual = state.residual
-    if feedback:
-        residual = _merge(residual, [res for _, res in outer_out])
-        outer_out = [o for o, _ in outer_out]
-    return new_parts, outer_out, stats, residual, inner
-
-
-def _overlapped(config, state, parts, params, outer_step, syncs):
-    """The sends and syncs of ``overlap > 0`` (``_steps.run_overlapped``)."""
-    sends = _steps.fragment_sends(state.count, state.period, config.fragments, config.overlap)
-    feedback = config.error_feedback
-    zeros = jax.tree.map(jnp.zeros_like, params)  # Delta = phi - p: the params are theta
-
-    def send_part(j, stats, res):
-        return _sync.average(parts[j], stats, params, zeros, config.where, res)
-
-    def apply_part(j, average, outer_state):
-        return _sync.apply_outer(parts[j], average, outer_state, outer_step)
-
-    flights = [_select(part, state.in_flight) for part in parts]
-    residuals = [_select(part, state.residual) if feedback else None for part in parts]
-    new_parts, outer_out, flights, stats, residuals = _steps.run_overlapped(
-        sends, syncs, parts, flights, _unpack(state.outer_state, config), state.sync_stats,
-        residuals, send_part, apply_part, sends_first=config.overlap == 1,
-    )  # fmt: skip
-    residual = _merge(state.residual, residuals) if feedback else state.residual
-    return new_parts, outer_out, stats, _merge(state.in_flight, flights), residual
-
-
-def _select(part, tree):
-    """``tree``'s entries where the fragment ``part`` has leaves, masked elsewhere."""
-    return jax.tree.map(lambda s, x: s if is_masked(s) else x, part, tree, is_leaf=is_masked)
-
-
-def _merge(tree, parts):
-    """``tree`` with each leaf taken from the fragment that owns it (kept where none does)."""
-    flat, structure = jax.tree.flatten(tree, is_leaf=is_masked)
-    treedef: Any = structure  # PyTreeDef: no stubs
-    flat_parts = [treedef.flatten_up_to(part) for part in parts]
-    out = []
-    for i, old in enumerate(flat):
-        owners = [p[i] for p in flat_parts if not is_masked(p[i])]
-        out.append(owners[0] if owners else old)
-    return treedef.unflatten(out)

@@ -151,11 +151,11 @@ class SyncHint:
         self.refused: str | None = None  # why the lookahead it was for could not take it
         self.seen = 0  # lookahead updates that received it (more than one: not fused)
 
-    def take(self, count: Array, fragments: int = 1) -> bool | None:
+    def take(self, count: Array, fragments: int = 1, overlap: int = 0) -> bool | None:
         """Called by a lookahead's update with its state's ``count``: the decided sync if
         this hint is for that state (and ``taken`` set), else None (decide as usual). A
-        lookahead with several fragments has no single sync decision: it records that in
-        ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
+        lookahead with several fragments or with overlap has no single sync decision: it
+        records that in ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
         self.seen += 1
         if count is not self.count:
             return None
@@ -163,6 +163,13 @@ class SyncHint:
             self.refused = (
                 f"the lookahead has fragments={fragments}: its fragments sync at different "
                 "steps, so there is no single sync decision to take"
+            )
+            return None
+        if overlap:
+            self.refused = (
+                f"the lookahead has overlap={overlap}: a pseudo-gradient is sent and "
+                "applied on different steps (as fragments > 1 sync on different steps), so "
+                "there is no single sync decision to take"
             )
             return None
         self.taken = True

@@ -35,7 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lookahead_optax._tree import gated, is_empty
+from lookahead_optax import _sync
+from lookahead_optax._tree import fragment_of, gated, is_empty, merged
 
 InnerStep = Callable[[Any], tuple[Any, Any]]  # inner state -> (updates, new inner state)
 SyncPart = Callable[[int, Any, Any, Any], tuple[Any, Any, Any]]  # j, u, outer, stats -> ...
@@ -168,3 +169,55 @@ def run_overlapped(
         apply_all()
         stats = send_all(stats)
     return new_parts, new_outer, in_flight, stats, residuals
+
+
+def synced(config, state, parts, outer_in, params, outer_step, syncs, inner_step, inner_result):
+    """The syncs without overlap (:func:`run`) of the lookahead built as ``config``: the new
+    fragments, outer states, stats, residual and the inner step's result. With error
+    feedback each fragment's residual travels through the cond beside its outer state."""
+    where, feedback = config.where, config.error_feedback
+    if feedback:
+        outer_in = [(o, fragment_of(part, state.residual)) for o, part in zip(outer_in, parts)]
+
+    def sync_part(j, inner_updates, outer_state, stats):
+        if not feedback:
+            return _sync.sync(
+                parts[j], outer_state, stats, params, inner_updates, outer_step, where
+            )
+        outer_state, res = outer_state
+        delta, stats, res = _sync.average(parts[j], stats, params, inner_updates, where, res)
+        new_part, outer_state = _sync.apply_outer(parts[j], delta, outer_state, outer_step)
+        return new_part, (outer_state, res), stats
+
+    new_parts, outer_out, stats, inner = run(
+        syncs, parts, outer_in, state.sync_stats, sync_part, inner_step, state.inner_state,
+        inner_result,
+    )  # fmt: skip
+    residual = state.residual
+    if feedback:
+        residual = merged(residual, [res for _, res in outer_out])
+        outer_out = [o for o, _ in outer_out]
+    return new_parts, outer_out, stats, residual, inner
+
+
+def overlapped(config, state, parts, outer_in, params, outer_step, syncs):
+    """The sends and syncs of ``overlap > 0`` (:func:`run_overlapped`): the new fragments,
+    outer states, stats, averages in flight and residual."""
+    sends = fragment_sends(state.count, state.period, config.fragments, config.overlap)
+    where, feedback = config.where, config.error_feedback
+    zeros = jax.tree.map(jnp.zeros_like, params)  # Delta = phi - p: the params are theta
+
+    def send_part(j, stats, res):
+        return _sync.average(parts[j], stats, params, zeros, where, res)
+
+    def apply_part(j, average, outer_state):
+        return _sync.apply_outer(parts[j], average, outer_state, outer_step)
+
+    flights = [fragment_of(part, state.in_flight) for part in parts]
+    residuals = [fragment_of(part, state.residual) if feedback else None for part in parts]
+    new_parts, outer_out, flights, stats, residuals = run_overlapped(
+        sends, syncs, parts, flights, outer_in, state.sync_stats, residuals, send_part,
+        apply_part, sends_first=config.overlap == 1,
+    )  # fmt: skip
+    residual = merged(state.residual, residuals) if feedback else state.residual
+    return new_parts, outer_out, stats, merged(state.in_flight, flights), residual

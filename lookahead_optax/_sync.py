@@ -25,7 +25,7 @@ import optax
 
 from lookahead_optax import _comm, _workers
 from lookahead_optax._state import SyncStats
-from lookahead_optax._tree import is_inexact, is_masked, match_types, promote, widened
+from lookahead_optax._tree import is_inexact, is_masked, match_types, merged, promote, widened
 
 OuterStep = Callable[[Any, Any, Any], tuple[Any, Any]]  # (Delta, outer state, phi) -> (v, state)
 
@@ -192,3 +192,28 @@ def update_onto_mix(slow: Any, p: Any, u: Any, synced: bool | jax.Array, mixing:
     target = phi + jnp.asarray(mixing, wide) * (local - phi)
     to_mix = (target.astype(p.dtype).astype(wide) - p.astype(wide)).astype(out_dtype)
     return to_mix if synced is True else jnp.where(synced, to_mix, u.astype(out_dtype))
+
+
+def land(
+    slow: Any,
+    new_parts: list[Any],
+    syncs: list[Any],
+    params: Any,
+    inner_updates: Any,
+    mixing: float = 0.0,
+) -> tuple[Any, Any]:
+    """The new slow weights (each leaf from its fragment) and the returned updates: onto
+    the slow weights of the leaves whose fragment synced, the inner update elsewhere."""
+    new_slow = merged(slow, new_parts)
+    no_sync = jax.tree.map(lambda s: s if is_masked(s) else False, slow, is_leaf=is_masked)
+    flags = merged(no_sync, [
+        jax.tree.map(lambda s, j=j: s if is_masked(s) else syncs[j], part, is_leaf=is_masked)
+        for j, part in enumerate(new_parts)
+    ])  # fmt: skip
+    onto = update_onto_mix if mixing else update_onto_slow
+    extra = (mixing,) if mixing else ()
+    new_updates = jax.tree.map(
+        lambda s, p, u, flag: onto(s, p, u, flag, *extra),
+        new_slow, params, inner_updates, flags, is_leaf=is_masked,
+    )  # fmt: skip
+    return new_slow, new_updates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -119,3 +120,20 @@ def fragment_trees(tree: Any, fragments: int) -> list[Any]:
 def is_empty(tree: Any) -> bool:
     """No leaf to sync (every leaf masked)."""
     return not jax.tree.leaves(tree)
+
+
+def fragment_of(part: Any, tree: Any) -> Any:
+    """``tree``'s entries where the fragment ``part`` has leaves, masked elsewhere."""
+    return jax.tree.map(lambda s, x: s if is_masked(s) else x, part, tree, is_leaf=is_masked)
+
+
+def merged(tree: Any, parts: Sequence[Any]) -> Any:
+    """``tree`` with each leaf taken from the fragment that owns it (kept where none does)."""
+    flat, structure = jax.tree.flatten(tree, is_leaf=is_masked)
+    treedef: Any = structure  # PyTreeDef: no stubs
+    flat_parts = [treedef.flatten_up_to(part) for part in parts]
+    out = []
+    for i, old in enumerate(flat):
+        owners = [p[i] for p in flat_parts if not is_masked(p[i])]
+        out.append(owners[0] if owners else old)
+    return treedef.unflatten(out)
