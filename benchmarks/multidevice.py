@@ -253,15 +253,16 @@ def workers_main() -> None:
         "vmap(adam)": lambda: optax.GradientTransformation(
             jax.vmap(optax.adam(1e-4).init), jax.vmap(optax.adam(1e-4).update)
         ),
+        # sync_stats=False is the default since 0.4.0.
         "workers alpha": lambda: lo.lookahead(optax.adam(1e-4), k=ARGS.k, workers=n),
-        "workers alpha, no stats": lambda: lo.lookahead(
-            optax.adam(1e-4), k=ARGS.k, workers=n, sync_stats=False
+        "workers alpha, sync_stats": lambda: lo.lookahead(
+            optax.adam(1e-4), k=ARGS.k, workers=n, sync_stats=True
         ),
         "workers nesterov": lambda: lo.lookahead(
             optax.adam(1e-4), k=ARGS.k, workers=n, outer=nesterov
         ),
-        "workers nesterov, no stats": lambda: lo.lookahead(
-            optax.adam(1e-4), k=ARGS.k, workers=n, outer=nesterov, sync_stats=False
+        "workers nesterov, sync_stats": lambda: lo.lookahead(
+            optax.adam(1e-4), k=ARGS.k, workers=n, outer=nesterov, sync_stats=True
         ),
     }
     results = {

@@ -461,10 +461,11 @@ def two_loop_contenders(workers: int) -> dict[str, dict[str, dict[str, Any]]]:
             "outer=adam": dict(outer=lambda: optax.adam(0.1)),
         },
         "workers": {
+            # sync_stats=False is the default since 0.4.0 (before: always computed).
             "workers alpha": dict(workers=workers),
-            "workers alpha, no stats": dict(workers=workers, sync_stats=False),
+            "workers alpha, sync_stats": dict(workers=workers, sync_stats=True),
             "workers nesterov": dict(workers=workers, outer=nesterov),
-            "workers nesterov, no stats": dict(workers=workers, outer=nesterov, sync_stats=False),
+            "workers nesterov, sync_stats": dict(workers=workers, outer=nesterov, sync_stats=True),
         },
     }
 

@@ -48,7 +48,7 @@ def lookahead(
     mixing: float | None = None,
     communication_block: int | None = None,
     error_feedback: bool | None = None,
-    sync_stats: bool = True,
+    sync_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookahead: k fast steps of ``inner``, then one slow step back.
 
@@ -105,8 +105,9 @@ def lookahead(
       error_feedback: With a quantized exchange, each worker adds what its last
         quantization lost to its next pseudo-gradient (``LookaheadState.residual``).
       sync_stats: With ``workers`` or ``axis_name``, compute
-        :class:`lookahead_optax.SyncStats` at each sync (default True; ``False`` fills
-        them with NaN and saves a pass over the pseudo-gradients: docs page
+        :class:`lookahead_optax.SyncStats` at each sync. Default False: the state keeps
+        the record, filled with NaN, since on XLA:CPU computing them keeps every worker's
+        pseudo-gradient in memory and makes the sync step about twice as slow (docs page
         "Performance").
 
     Returns:

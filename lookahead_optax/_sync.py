@@ -36,7 +36,7 @@ class Where(NamedTuple):
     workers: int | None
     axis_name: Any
     communication_dtype: Any
-    stats: bool = True  # compute SyncStats at each sync (lookahead's sync_stats)
+    stats: bool = False  # compute SyncStats at each sync (lookahead's sync_stats)
     block: int = 256  # values per scale of a quantized (int8/fp8) exchange (_comm)
 
 

@@ -613,6 +613,8 @@ def build_tx(c: Combo, problem: Problem) -> optax.GradientTransformation:
         kwargs["axis_name"] = "workers"
     elif c.workers is not None:
         kwargs["workers"] = c.num_workers
+    if c.workers is not None:
+        kwargs["sync_stats"] = True  # checked against the reference's every call
     if c.slow_step == "alpha":
         kwargs["alpha"] = ALPHA
     elif c.slow_step == "adaptive":

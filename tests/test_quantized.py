@@ -130,7 +130,7 @@ def _sharded_run(dtype, axis_type, error_feedback=False, steps=4):
     tx = lo.lookahead(
         optax.sgd(0.1), k=2, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), workers=N,
         communication_dtype=dtype, communication_block=32 if lo_quantized(dtype) else None,
-        error_feedback=error_feedback,
+        error_feedback=error_feedback, sync_stats=True,
     )  # fmt: skip
     stacked = lo.replicate(params, N)
     grads = _grads(params, N, 3)

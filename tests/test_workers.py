@@ -81,7 +81,9 @@ def test_workers_match_the_reference(outer_name, fused):
 
 
 def test_sync_stats_are_the_pseudo_gradient_norm_and_the_worker_drift():
-    tx = lo.lookahead(optax.sgd(0.1, momentum=0.5), k=K, workers=WORKERS, alpha=0.5)
+    tx = lo.lookahead(
+        optax.sgd(0.1, momentum=0.5), k=K, workers=WORKERS, alpha=0.5, sync_stats=True
+    )
     history = run(tx)
     stats = []
     ref.diloco_trajectory(
@@ -373,8 +375,9 @@ def test_complex_params_keep_their_imaginary_part_over_a_real_communication_dtyp
     workers, k = 2, 2
     targets = np.asarray([0.0, 1.0 + 1.0j])
     tx = lo.lookahead(
-        optax.sgd(0.1), k=k, workers=workers, communication_dtype=jnp.float32, alpha=0.5
-    )
+        optax.sgd(0.1), k=k, workers=workers, communication_dtype=jnp.float32, alpha=0.5,
+        sync_stats=True,
+    )  # fmt: skip
     params = lo.replicate({"z": jnp.asarray(z0, jnp.complex64)}, workers)
     state = tx.init(params)
     for _ in range(k):
