@@ -19,6 +19,29 @@ DEVICES = 8
 collect_ignore = ["tests/data"]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Every core, with pytest-xdist (the test extra installs it): ``python -m pytest`` runs the
+    tests in one process per core (``-n auto``, at most 8), as if given
+    ``-n auto --maxprocesses 8 --dist loadgroup``. An explicit ``-n`` wins (``-n 0``: one process,
+    as ``-p no:xdist`` or ``--pdb``); without xdist (``.ci/floors`` installs only pytest and
+    hypothesis) the tests run in one process as before.
+
+    ``loadgroup`` hands out the tests one by one, except those marked
+    ``pytest.mark.xdist_group(name)``, which go to one worker together: the tests that share
+    an expensive module- or session-scoped result (the docs build, a benchmark run, a trained
+    model) or a cache (mypy's). It runs before xdist's own hook, which turns these options
+    into workers (a conftest's hook runs before the plugins' of the same order)."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    option = config.option
+    if option.numprocesses is None and not option.usepdb and not option.collectonly:
+        option.numprocesses = "auto"
+        option.maxprocesses = option.maxprocesses or 8
+    if option.numprocesses and option.dist == "no":
+        option.dist = "loadgroup"
+
+
 @pytest.fixture(scope="module")
 def strict_promotion():
     """jax's strict dtype promotion for a whole module; a module asks for it with

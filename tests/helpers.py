@@ -8,7 +8,10 @@ of them share lives here.
 import ast
 import builtins
 import functools
+import os
+import random
 import re
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -417,3 +420,24 @@ def quick_few(names, quick):
     """``names`` as parameters for ``pytest.mark.parametrize``; those not in ``quick`` are
     marked slow: the quick set keeps a few representatives, the whole suite runs them all."""
     return [name if name in quick else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a jax.distributed coordinator.
+
+    Under pytest-xdist each worker draws from its own block of ports below Linux's ephemeral
+    range (32768 and up, where the OS puts port-0 binds and outgoing connections), so two
+    workers starting multi-process tests at once never probe the same port. Another program
+    can still take it before the coordinator binds it: the callers retry once on "in use".
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    first = 20000 + 500 * (index % 24)  # 20000-31999: 24 blocks of 500
+    for port in random.sample(range(first, first + 500), 500):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + 499} on 127.0.0.1")

@@ -26,7 +26,8 @@ import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
-pytestmark = pytest.mark.slow
+# One xdist worker builds the site (conftest.py's docs_site) for this module and test_docs.py.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("docs_site")]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -332,6 +332,7 @@ lo.check_composition(tx1, params)
 """
 
 
+@pytest.mark.xdist_group("mypy")  # with tests/test_lint.py's: one worker, one cache
 def test_the_documented_calls_type_check(tmp_path):
     """mypy on every ```python block of README.md and docs/, and on the call forms above:
     no error on a line that calls lookahead_optax (0.3.0: alpha=lo.adaptive_alpha(...) is an

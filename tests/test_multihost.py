@@ -8,7 +8,6 @@ whole global batch.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,11 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import free_loopback_port
+
 pytestmark = pytest.mark.slow  # two processes joined by jax.distributed
 NUM_PROCESSES = 2
 TIMEOUT_S = 120
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_workers(out_dir: str) -> list[subprocess.Popen]:
@@ -34,7 +29,7 @@ def _start_workers(out_dir: str) -> list[subprocess.Popen]:
     # Overrides the session's 8 devices: each worker is a "host" with LOCAL_DEVICES devices.
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={worker.LOCAL_DEVICES}"
     env["JAX_PLATFORMS"] = "cpu"
-    port = str(_free_loopback_port())
+    port = str(free_loopback_port())
     processes = []
     for process_id in range(NUM_PROCESSES):
         command = [sys.executable, worker.__file__, str(process_id), str(NUM_PROCESSES), port]

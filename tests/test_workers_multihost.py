@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,22 +18,18 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import free_loopback_port
+
 pytestmark = pytest.mark.slow  # two processes joined by jax.distributed
 TIMEOUT_S = 150
 _COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(out_dir: str, config: str = "plain") -> tuple[bool, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={worker.LOCAL_DEVICES}"
     env["JAX_PLATFORMS"] = "cpu"
-    port = str(_free_port())
+    port = str(free_loopback_port())
     deadline = time.monotonic() + TIMEOUT_S
     processes, outputs = [], []
     try:
