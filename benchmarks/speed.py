@@ -459,6 +459,11 @@ def two_loop_contenders(workers: int) -> dict[str, dict[str, dict[str, Any]]]:
             "heavy ball": dict(outer=lambda: optax.sgd(0.7, momentum=0.9)),
             "nesterov": dict(outer=nesterov),
             "outer=adam": dict(outer=lambda: optax.adam(0.1)),
+            # The sync decided before the step: no cond inside it, the inner update once.
+            "nesterov, update_and_apply": dict(outer=nesterov, entry="update_and_apply"),
+            "outer=adam, update_and_apply": dict(
+                outer=lambda: optax.adam(0.1), entry="update_and_apply"
+            ),
         },
         "workers": {
             # sync_stats=False is the default since 0.4.0 (before: always computed).
@@ -476,9 +481,11 @@ def vmapped(inner: optax.GradientTransformation) -> optax.GradientTransformation
 
 
 def step_traffic(hlo: str, min_bytes: int) -> dict[str, float]:
-    """Bytes read and written by the non-sync step (the program less the sync branch) and
-    the sync step (with it), from the compiled HLO (benchmarks/_hlo.py)."""
-    from _hlo import computations, entry, sync_branch_traffic, traffic
+    """Bytes read and written by the non-sync step (the program with the lighter branch of
+    its busiest conditional: nothing for ``tx.update``'s pass-through, the whole inner step
+    for ``update_and_apply``'s) and the sync step (with the heavier one), from the compiled
+    HLO (benchmarks/_hlo.py)."""
+    from _hlo import branches, computations, entry, sync_branch_traffic, traffic
 
     module = computations(hlo)
     base = traffic(module[entry(hlo)], min_bytes, module)
@@ -486,8 +493,14 @@ def step_traffic(hlo: str, min_bytes: int) -> dict[str, float]:
         branch = sync_branch_traffic(hlo, min_bytes)
     except ValueError:  # no conditional: the inner step
         branch = {"read": 0, "written": 0}
+    light = 0
+    for group in branches(module[entry(hlo)]):
+        moved = [sum(traffic(module[name], min_bytes, module)[key] for key in ("read", "written"))
+                 for name in group if name in module]  # fmt: skip
+        if moved and max(moved) == branch["read"] + branch["written"]:
+            light = min(moved)
     return {
-        "non-sync": base["read"] + base["written"],
+        "non-sync": base["read"] + base["written"] + light,
         "sync": base["read"] + base["written"] + branch["read"] + branch["written"],
         "sync_branch_read": branch["read"],
         "sync_branch_written": branch["written"],
@@ -497,12 +510,16 @@ def step_traffic(hlo: str, min_bytes: int) -> dict[str, float]:
 class TwoLoopRunner:
     """One contender's donated params and state and its one executable (k traced)."""
 
-    def __init__(self, make_tx, params, grads, lookahead: bool):
+    def __init__(self, make_tx, params, grads, lookahead: bool, fused=None):
+        """``fused``: a library's ``update_and_apply`` to step with instead of ``tx.update``
+        and ``apply_updates``."""
         self.make_tx, self.grads, self.lookahead = make_tx, grads, lookahead
         self.params = jax.tree.map(jnp.copy, params)
         self.opt_state = make_tx(5).init(self.params)
 
         def step(params, opt_state, grads, k):
+            if fused is not None:
+                return fused(make_tx(k), grads, opt_state, params)
             updates, opt_state = make_tx(k).update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
@@ -571,10 +588,12 @@ def _bench_two_loop_group(group, contenders, libraries, params, workers, total, 
 
             def make_tx(k, lib=lib, kwargs=kwargs):
                 built = {key: v() if callable(v) else v for key, v in kwargs.items()}
+                built.pop("entry", None)
                 return lib.lookahead(optax.adam(1e-4), k=k, **built)
 
             key = name if lib is lo else f"{name} ({label})"
-            runners[key] = TwoLoopRunner(make_tx, params, grads, lookahead=True)
+            fused = lib.update_and_apply if kwargs.get("entry") == "update_and_apply" else None
+            runners[key] = TwoLoopRunner(make_tx, params, grads, lookahead=True, fused=fused)
     cases = {"sync step": 1, "non-sync step": 2**30, f"k={args.k} mean": args.k}
     steps = args.block_steps * args.k
     for runner in runners.values():  # warm up every case
