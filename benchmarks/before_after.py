@@ -6,7 +6,8 @@ The earlier package is taken from git (``git archive REF lookahead_optax``, defa
 
 1. **Time.** ``tx.update`` + ``optax.apply_updates`` and ``update_and_apply``, params
    and state donated, synthetic fixed gradients, float32 params (``--sizes``, default
-   16M/8 and 2M/64), Adam and SGD-momentum inners, k = 5. Both versions' steps are timed
+   16M/8 and 2M/64, and 64K/4 where the per-call cost outside the compiled program
+   shows), Adam and SGD-momentum inners, k = 5. Both versions' steps are timed
    in interleaved rounds (the order rotates), each round timing a block of whole sync
    periods; one ratio ``this / REF`` per round, reported as median and min-max.
 2. **Compiled temp memory** of each timed step (``jax.jit(step, donate_argnums=(0, 1))
@@ -21,13 +22,17 @@ The earlier package is taken from git (``git archive REF lookahead_optax``, defa
    weights (``slow_params``) and every leaf of the optimizer state (matched by key path:
    0.3.0's ``LookaheadState`` is a NamedTuple, this tree's a registered dataclass with the
    same key paths) are compared bit for bit; a difference is given in ulps of the leaf's
-   dtype (integers: their difference), with the leaf and the first call it shows. A
-   configuration expected to differ names the 0.4.0 change (CHANGELOG.md) that explains
-   it; a difference no change explains is flagged ``UNEXPLAINED``.
+   dtype (integers: their difference), with the leaf and the first call it shows. Each
+   configuration also runs in lockstep (every call, both versions step from this tree's
+   params, so a difference shows at the call that makes it) and op by op (lockstep under
+   ``jax.disable_jit``: no XLA fusion, so what still differs differs in arithmetic). A
+   configuration expected to differ names the 0.4.0 changes (CHANGELOG.md) that explain
+   it, and :func:`unexplained` checks that they do; a difference they do not explain is
+   flagged ``UNEXPLAINED``.
 
     python benchmarks/before_after.py                   # against 0.3.0 (23f6617)
     python benchmarks/before_after.py --quick           # small sizes, a smoke run
-    python benchmarks/before_after.py --ref 9693e0a     # 0.2.0 (timing and temp only)
+    python benchmarks/before_after.py --ref 9693e0a --trajectories none   # 0.2.0
 
 Results: printed, and written to ``--out`` (default ``runs/before_after.json``) and, with
 ``--md``, as a Markdown report.
@@ -47,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +99,28 @@ def step_fn(library, tx, fused: bool):
     return step
 
 
+def pytree_cost(ref_lib, repeats: int = 7, number: int = 2000) -> dict:
+    """Microseconds to flatten and unflatten a lookahead(adam) state (4 leaves), each version:
+    a jitted call does both, outside the compiled program (0.3.0's LookaheadState is a
+    NamedTuple, flattened by jax's C++; this tree's a dataclass with Python callbacks)."""
+    params = {f"w{i}": jnp.zeros((4,)) for i in range(4)}
+    out = {}
+    for version, library in (("this", lo), ("ref", ref_lib)):
+        state = library.lookahead(optax.adam(1e-4), k=5, alpha=0.5).init(params)
+        leaves, treedef = jax.tree.flatten(state)
+        identity = jax.jit(lambda s: s)
+        identity(state)
+        out[version] = {
+            name: 1e6 * min(timeit.repeat(fn, number=number, repeat=repeats)) / number
+            for name, fn in (
+                ("flatten_us", lambda s=state: jax.tree.flatten(s)),
+                ("unflatten_us", lambda t=treedef, x=leaves: jax.tree.unflatten(t, x)),
+                ("jit_identity_us", lambda f=identity, s=state: f(s)),
+            )
+        }
+    return out
+
+
 def bench(total, leaves, inner_name, ref_lib, args):
     """Per path: the ratio this/ref of interleaved rounds, and both versions' temp bytes."""
     per_leaf = total // leaves
@@ -118,11 +146,21 @@ def bench(total, leaves, inner_name, ref_lib, args):
     ratios = {
         path: ratio_summary(seconds[f"this/{path}"], seconds[f"ref/{path}"]) for path in PATHS
     }
-    params_bytes = per_leaf * leaves * 4
-    return ratios, {
-        path: {**temp[path], "params_bytes": params_bytes, "steps_per_block": steps}
+    # Process CPU time per step, the same rounds: time spent waiting for other processes on
+    # a shared machine does not count.
+    cpu = {
+        path: ratio_summary(runners[f"this/{path}"].cpu_seconds, runners[f"ref/{path}"].cpu_seconds)
         for path in PATHS
     }
+    params_bytes = per_leaf * leaves * 4
+    return (
+        ratios,
+        cpu,
+        {
+            path: {**temp[path], "params_bytes": params_bytes, "steps_per_block": steps}
+            for path in PATHS
+        },
+    )
 
 
 # ------------------------------------------------------------------------- trajectories
@@ -595,15 +633,32 @@ def markdown(report: dict) -> str:
             f"## Step time, this / {report['ref']} (median of {report['rounds']} interleaved "
             f"rounds, min-max), k = {report['k']}, params and state donated",
             "",
-            "| params | inner | tx.update + apply_updates | update_and_apply |",
-            "|---|---|---|---|",
+            "Wall-clock ratio per round, and the same rounds' process CPU time ratio (time "
+            "spent waiting for other processes does not count).",
+            "",
+            "| params | inner | tx.update + apply_updates | update_and_apply "
+            "| CPU time: tx.update | CPU time: update_and_apply |",
+            "|---|---|---|---|---|---|",
         ]
         for r in report["timing"]:
             cells = [
                 f"{q['median']:.3f} ({q['min']:.2f}-{q['max']:.2f})"
-                for q in (r["this_over_ref"][p] for p in PATHS)
+                for q in [r["this_over_ref"][p] for p in PATHS]
+                + [r["cpu_this_over_ref"][p] for p in PATHS]
             ]
             lines.append(f"| {r['size']} | {r['inner']} | {' | '.join(cells)} |")
+        if report.get("state_pytree_us"):
+            c = report["state_pytree_us"]
+            lines += [
+                "",
+                "Outside the compiled program, every jitted call flattens its arguments and "
+                "unflattens its results. A lookahead(adam) state (4 leaves), microseconds "
+                f"(best of 7 x 2000): flatten {c['ref']['flatten_us']:.1f} ({report['ref']}) "
+                f"-> {c['this']['flatten_us']:.1f} (this), unflatten "
+                f"{c['ref']['unflatten_us']:.1f} -> {c['this']['unflatten_us']:.1f}; a call "
+                f"of a jitted identity on the state {c['ref']['jit_identity_us']:.1f} -> "
+                f"{c['this']['jit_identity_us']:.1f}.",
+            ]
         lines += [
             "",
             "## Compiled temp memory (`memory_analysis().temp_size_in_bytes`), MB",
@@ -701,16 +756,33 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown trajectories {unknown}; known: {sorted(names)}")
     start, load_before = time.perf_counter(), os.getloadavg()
-    timing, trajectories = [], []
+    timing, trajectories, pytree = [], [], None
     with tempfile.TemporaryDirectory() as where:
         ref_lib = import_ref(args.ref, Path(where))
         print(f"this {lo.__version__} against {args.ref} ({ref_version(ref_lib)})", flush=True)
+        if args.sizes:
+            pytree = pytree_cost(ref_lib)
+            print(
+                "state pytree, us: "
+                + ", ".join(
+                    f"{v} flatten {c['flatten_us']:.1f} unflatten {c['unflatten_us']:.1f} "
+                    f"jit(identity) {c['jit_identity_us']:.1f}"
+                    for v, c in pytree.items()
+                ),
+                flush=True,
+            )
         for size in filter(None, args.sizes.split(",")):
             total, leaves = parse_size(size)
             for inner in args.inners.split(","):
-                ratios, temp = bench(total, leaves, inner, ref_lib, args)
+                ratios, cpu, temp = bench(total, leaves, inner, ref_lib, args)
                 timing.append(
-                    {"size": size, "inner": inner, "this_over_ref": ratios, "temp_bytes": temp}
+                    {
+                        "size": size,
+                        "inner": inner,
+                        "this_over_ref": ratios,
+                        "cpu_this_over_ref": cpu,
+                        "temp_bytes": temp,
+                    }
                 )
                 print(
                     f"{size} {inner}: this/{args.ref} "
@@ -739,6 +811,7 @@ def main(argv=None):
         "k": args.k,
         "rounds": args.rounds,
         "timing": timing,
+        "state_pytree_us": pytree,
         "trajectories": trajectories,
         "unexplained": [
             r["config"] for r in trajectories if r["explanation"].startswith("UNEXPLAINED")
