@@ -8,11 +8,12 @@ from lookahead_optax import experimental, flax
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
 from lookahead_optax._compose import check_composition
 from lookahead_optax._flax import abstract_opt_state
-from lookahead_optax._fused import fused_path_taken, next_call_syncs, update_and_apply
+from lookahead_optax._fused import fused_path_taken, update_and_apply
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._resize import replicate, resize_workers
 from lookahead_optax._slow import slow_params
 from lookahead_optax._state import LookaheadState, SyncStats
+from lookahead_optax._static import next_call_syncs
 
 __version__ = "0.4.0"
 """The version of this package (PEP 440), the same string as its distribution metadata."""

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from lookahead_optax._adaptive import AdaptiveAlpha
+from lookahead_optax._comm import is_quantized
 
 INNER_STATE_POLICIES = ("keep", "reset", "pullback")
 
@@ -192,19 +193,6 @@ def check_fragments(fragments: Any, k: Any, alpha: Any, policy: str) -> None:
         raise ValueError(
             'fragments > 1 supports inner_state="keep" and a fixed alpha or an outer optimizer'
         )
-
-
-QUANTIZED_DTYPES = ("int8", "int4", "int2", "float8_e4m3fn", "float8_e5m2")
-
-
-def is_quantized(dtype: Any) -> bool:
-    """int8 or fp8: exchanged as quantized blocks with scales (``_comm``), not by a mean."""
-    if dtype is None or isinstance(dtype, (jax.Array, np.ndarray)) or is_traced(dtype):
-        return False
-    try:
-        return jnp.dtype(dtype).name in QUANTIZED_DTYPES
-    except TypeError:
-        return False
 
 
 def check_overlap(

@@ -40,12 +40,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from lookahead_optax._checks import is_quantized
-
 __all__ = ["is_quantized", "quantized_mean", "qmax", "layout"]
+
+QUANTIZED_DTYPES = ("int8", "int4", "int2", "float8_e4m3fn", "float8_e5m2")
+
+
+def is_quantized(dtype: Any) -> bool:
+    """int8 or fp8: exchanged as quantized blocks with scales (``_comm``), not by a mean."""
+    if dtype is None or isinstance(dtype, (jax.Array, np.ndarray, jax.core.Tracer)):
+        return False
+    try:
+        return jnp.dtype(dtype).name in QUANTIZED_DTYPES
+    except TypeError:
+        return False
 
 
 def bits(dtype: Any) -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lookahead_optax._adaptive import AdaptiveAlpha
-from lookahead_optax._checks import is_quantized
+from lookahead_optax._comm import is_quantized
 from lookahead_optax._state import LookaheadState
 from lookahead_optax._tree import fragment_trees, is_inexact, is_masked
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, find_states, the_state
+from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, find_states
 from lookahead_optax._tree import is_inexact, is_masked, widened
 
 Formulation = Literal["cond", "select"]
@@ -253,47 +253,6 @@ def _no_fused_path(probe: SyncHint, what: str) -> str:
         f"wrappers that forward extra arguments (see fused_path_taken), and {reason}; this "
         "tx decides its syncs itself, so pass sync=None"
     )
-
-
-def _the_state(tree: Any, what: str) -> LookaheadState:
-    return the_state(tree, what, "the sync is decided from its count and period")
-
-
-def next_call_syncs(opt_state: optax.OptState) -> bool:
-    """Whether the next ``update`` of this state syncs: ``count + 1 >= period``, read on the host.
-
-    With ``fragments > 1``: whether it syncs any fragment (fragment j syncs at step
-    ``max(1, (j + 1) period // fragments)`` of each cycle, the last at the end).
-
-    A device-to-host read: it waits until the step that produced ``opt_state`` has
-    finished, so a loop that calls it every step cannot run ahead of the device.
-    :class:`~lookahead_optax.experimental.StaticSyncStep` reads it once and counts in
-    Python after that.
-
-    Raises:
-      ValueError: if ``opt_state`` does not hold exactly one outermost LookaheadState.
-
-    Examples:
-      >>> import jax.numpy as jnp, optax
-      >>> import lookahead_optax as lo
-      >>> tx = lo.lookahead(optax.sgd(0.1), k=2)
-      >>> params = {"w": jnp.ones(2)}
-      >>> opt_state = tx.init(params)
-      >>> lo.next_call_syncs(opt_state)
-      False
-      >>> params, opt_state = lo.update_and_apply(tx, params, opt_state, params, sync=False)
-      >>> lo.next_call_syncs(opt_state)
-      True
-    """
-    from lookahead_optax._steps import fragment_syncs
-    from lookahead_optax._tree import fragment_trees, is_empty
-
-    state = _the_state(opt_state, "opt_state")
-    count, period = jax.device_get((state.count, state.period))
-    fragments = int(getattr(state, "fragments", 1))
-    syncs = fragment_syncs(jnp.asarray(int(count) + 1), jnp.asarray(int(period)), fragments)
-    parts = fragment_trees(state.slow, fragments)  # an empty fragment's sync moves nothing
-    return any(bool(s) and not is_empty(part) for s, part in zip(syncs, parts))
 
 
 def _land_on_slow(
