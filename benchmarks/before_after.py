@@ -48,6 +48,7 @@ import inspect
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,9 +154,15 @@ def bench(total, leaves, inner_name, ref_lib, args):
         for path in PATHS
     }
     params_bytes = per_leaf * leaves * 4
+    # Median microseconds per step of each version (absolute: drifts with the load).
+    step_us = {
+        path: {v: 1e6 * statistics.median(seconds[f"{v}/{path}"]) for v in ("ref", "this")}
+        for path in PATHS
+    }
     return (
         ratios,
         cpu,
+        step_us,
         {
             path: {**temp[path], "params_bytes": params_bytes, "steps_per_block": steps}
             for path in PATHS
@@ -637,8 +644,9 @@ def markdown(report: dict) -> str:
             "spent waiting for other processes does not count).",
             "",
             "| params | inner | tx.update + apply_updates | update_and_apply "
-            "| CPU time: tx.update | CPU time: update_and_apply |",
-            "|---|---|---|---|---|---|",
+            "| CPU time: tx.update | CPU time: update_and_apply "
+            "| median us/step, ref -> this: tx.update; update_and_apply |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in report["timing"]:
             cells = [
@@ -646,6 +654,8 @@ def markdown(report: dict) -> str:
                 for q in [r["this_over_ref"][p] for p in PATHS]
                 + [r["cpu_this_over_ref"][p] for p in PATHS]
             ]
+            us = r.get("median_step_us") or {}
+            cells.append("; ".join(f"{us[p]['ref']:.0f} -> {us[p]['this']:.0f}" for p in us))
             lines.append(f"| {r['size']} | {r['inner']} | {' | '.join(cells)} |")
         if report.get("state_pytree_us"):
             c = report["state_pytree_us"]
@@ -661,28 +671,38 @@ def markdown(report: dict) -> str:
             ]
         lines += [
             "",
-            "## Compiled temp memory (`memory_analysis().temp_size_in_bytes`), MB",
+            "## Compiled temp memory (`memory_analysis().temp_size_in_bytes`), bytes",
             "",
-            f"| params | inner | path | {report['ref']} | this | this / params |",
-            "|---|---|---|---|---|---|",
+            f"| params | inner | path | {report['ref']} | this | this - ref | per leaf |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in report["timing"]:
+            leaves = parse_size(r["size"])[1]
             for path in PATHS:
                 t = r["temp_bytes"][path]
+                grown = t["this"] - t["ref"]
                 lines.append(
-                    f"| {r['size']} | {r['inner']} | {path} | {t['ref'] / 1e6:.2f} | "
-                    f"{t['this'] / 1e6:.2f} | {t['this'] / t['params_bytes']:.3f} |"
+                    f"| {r['size']} | {r['inner']} | {path} | {t['ref']} | {t['this']} | "
+                    f"{grown:+d} | {grown / leaves:+.0f} |"
                 )
         lines.append("")
     if report["trajectories"]:
+        runs = report["trajectories"]
+        same = [r["config"] for r in runs if all(r[mode]["identical"] for mode in MODES)]
         lines += [
             f"## Trajectories, {CYCLES} cycles, compared after every call",
             "",
+            f"{len(same)} of {len(runs)} configurations bit-identical (params, slow "
+            "weights, every state leaf, at every call). Unexplained differences: "
+            + (", ".join(report["unexplained"]) or "none")
+            + ".",
+            "",
             "Each configuration runs from the same seeded params with both versions, the "
-            "gradients a seeded function of each version's own params. Cells: the largest "
-            "difference over all calls in ulps of the leaf's dtype (integers: their "
-            "difference), its absolute size and leaf, and the first call (from 0) where any "
-            "leaf differs. params: the params; slow: `slow_params`; state: every leaf of the "
+            "gradients a seeded function of each version's own params. Cells: the first "
+            "difference (calls from 0) and the largest over all calls, in ulps of the leaf's "
+            "dtype (integers: their difference; near zero an ulp is tiny, so the largest "
+            "absolute difference follows). params: the params; slow: `slow_params`; state: "
+            "every leaf of the "
             "optimizer state, by key path. *op by op*: the same comparison in lockstep (both "
             "versions step from this tree's params every call) under `jax.disable_jit`, "
             "where no XLA fusion can change a rounding: the kinds of tree that still differ "
@@ -715,12 +735,13 @@ def markdown(report: dict) -> str:
 def cell(r: dict) -> str:
     if r["identical"]:
         return "identical"
-    most = r["max"]
-    if most["leaf"] is None:
+    first, most = r["first"], r["max"]
+    if first is None:
         return f"leaves only in this: {r['only_this']}, only in ref: {r['only_ref']}"
-    return (
-        f"{most['ulps']:.0f} ulp ({most['abs']:.1e}) {most['leaf']}, from call {r['first']['call']}"
-    )
+    text = f"{first['ulps']:.0f} ulp {first['leaf']} at call {first['call']}"
+    if (most["leaf"], most["call"]) != (first["leaf"], first["call"]):
+        text += f"; max {most['ulps']:.0f} ulp {most['leaf']} at call {most['call']}"
+    return text + f" (abs {most['abs']:.1e})"
 
 
 def ref_version(ref_lib) -> str:
@@ -774,13 +795,14 @@ def main(argv=None):
         for size in filter(None, args.sizes.split(",")):
             total, leaves = parse_size(size)
             for inner in args.inners.split(","):
-                ratios, cpu, temp = bench(total, leaves, inner, ref_lib, args)
+                ratios, cpu, step_us, temp = bench(total, leaves, inner, ref_lib, args)
                 timing.append(
                     {
                         "size": size,
                         "inner": inner,
                         "this_over_ref": ratios,
                         "cpu_this_over_ref": cpu,
+                        "median_step_us": step_us,
                         "temp_bytes": temp,
                     }
                 )
