@@ -87,32 +87,45 @@ class LookaheadState:
 _OPTIONAL = ("in_flight", "residual")
 
 
-def _state_fields() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    fields = dataclasses.fields(LookaheadState)
-    static = tuple(f.name for f in fields if f.metadata.get("static"))
-    data = tuple(f.name for f in fields if f.name not in static and f.name not in _OPTIONAL)
-    return data, static
+_STATIC = tuple(f.name for f in dataclasses.fields(LookaheadState) if f.metadata.get("static"))
+_DATA = tuple(
+    f.name
+    for f in dataclasses.fields(LookaheadState)
+    if f.name not in _STATIC and f.name not in _OPTIONAL
+)
+_KEYS = {n: jax.tree_util.GetAttrKey(n) for n in _DATA + _OPTIONAL}
+_NAMES = {  # the children's names, by which optional fields are set
+    (flight, residual): _DATA
+    + (("in_flight",) if flight else ())
+    + (("residual",) if residual else ())
+    for flight in (False, True)
+    for residual in (False, True)
+}
+
+
+# Flattening runs on every jitted call (arguments in, results out): one dict read per field,
+# no dataclasses.fields() and no __init__ (a state flattens in about the time of a NamedTuple).
+def _flatten(state: LookaheadState) -> tuple[list, tuple]:
+    d = state.__dict__
+    names = _NAMES[d["in_flight"] is not None, d["residual"] is not None]
+    return [d[n] for n in names], (names, d["fragments"], d["mixing"])
 
 
 def _flatten_with_keys(state: LookaheadState) -> tuple[list, tuple]:
-    data, static = _state_fields()
-    names = data + tuple(n for n in _OPTIONAL if getattr(state, n) is not None)
-    children = [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names]
-    return children, (names, tuple(getattr(state, n) for n in static))
+    children, aux = _flatten(state)
+    return [(_KEYS[n], c) for n, c in zip(aux[0], children)], aux
 
 
 def _unflatten(aux: tuple, children: Any) -> LookaheadState:
-    names, static_values = aux
-    static = _state_fields()[1]
-    return LookaheadState(**dict(zip(names, children)), **dict(zip(static, static_values)))
+    state = object.__new__(LookaheadState)  # frozen: fill __dict__ instead of __init__
+    d = state.__dict__
+    d.update(dict.fromkeys(_OPTIONAL))
+    d.update(zip(aux[0], children))
+    d["fragments"], d["mixing"] = aux[1:]
+    return state
 
 
-jax.tree_util.register_pytree_with_keys(
-    LookaheadState,
-    _flatten_with_keys,
-    _unflatten,
-    lambda state: ([c for _, c in _flatten_with_keys(state)[0]], _flatten_with_keys(state)[1]),
-)
+jax.tree_util.register_pytree_with_keys(LookaheadState, _flatten_with_keys, _unflatten, _flatten)
 
 
 class SyncStats(NamedTuple):
