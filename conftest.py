@@ -22,24 +22,89 @@ collect_ignore = ["tests/data"]
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """Every core, with pytest-xdist (the test extra installs it): ``python -m pytest`` runs the
-    tests in one process per core (``-n auto``, at most 8), as if given
-    ``-n auto --maxprocesses 8 --dist loadgroup``. An explicit ``-n`` wins (``-n 0``: one process,
-    as ``-p no:xdist`` or ``--pdb``); without xdist (``.ci/floors`` installs only pytest and
-    hypothesis) the tests run in one process as before.
-
-    ``loadgroup`` hands out the tests one by one, except those marked
-    ``pytest.mark.xdist_group(name)``, which go to one worker together: the tests that share
-    an expensive module- or session-scoped result (the docs build, a benchmark run, a trained
-    model) or a cache (mypy's). It runs before xdist's own hook, which turns these options
-    into workers (a conftest's hook runs before the plugins' of the same order)."""
-    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+    tests in a process per core (``-n auto``, at most 8), scheduled by :class:`_Schedule`. An
+    explicit ``-n`` wins (``-n 0``: one process, as ``-p no:xdist`` or ``--pdb``), as does an
+    explicit ``--dist``. Without xdist (``.ci/floors`` installs only pytest and hypothesis) the
+    tests run in one process. This hook runs before xdist's own, which turns the options into
+    workers (a conftest's hook runs before the plugins' of the same order)."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
         return
     option = config.option
     if option.numprocesses is None and not option.usepdb and not option.collectonly:
         option.numprocesses = "auto"
         option.maxprocesses = option.maxprocesses or 8
     if option.numprocesses and option.dist == "no":
-        option.dist = "loadgroup"
+        option.dist = "lookahead_optax"  # pytest_xdist_make_scheduler below
+
+
+# How pytest-xdist hands out the tests: first these, in this order (the longest first, so that
+# no long test starts last while the other workers idle; measured on 2 cores), then every other
+# test one by one in collection order. The tests of a named group go to one worker together:
+# they share an expensive module- or session-scoped result (the docs build, a benchmark run,
+# trained models) or a cache (mypy's), which another worker would compute again. A prefix that
+# no longer matches (a renamed test) costs time, never a result. (xdist's own loadgroup and
+# xdist_group marks would say the same, but pytest 9.2's node ids no longer take its suffix.)
+SCHEDULE = [
+    # (node id prefix, group name or None: each test on its own)
+    ("tests/test_docs.py", "docs_site"),  # conftest's docs_site: built once for both modules
+    ("tests/test_browser.py", "docs_site"),
+    ("tests/test_sensitivity.py::test_quick_", "sensitivity_quick"),
+    ("tests/test_checkpoint.py", "test_checkpoint"),
+    ("tests/test_quantized.py::test_the_comm_benchmark", None),
+    ("tests/test_convergence.py::test_benchmark_", None),
+    ("tests/test_language_model.py", "test_language_model"),
+    ("tests/test_diloco_benchmark.py", "test_diloco_benchmark"),
+    ("tests/test_sensitivity.py::test_outer_sweep_", "diloco_outer_quick"),
+    ("tests/test_device.py::test_device_benchmark", None),
+    ("tests/test_convergence.py::test_lookahead_is_evaluated", None),
+    ("tests/test_workers_checkpoint.py", "test_workers_checkpoint"),
+    ("tests/test_properties.py::test_lookahead_properties_many", None),
+    ("tests/test_notebook_", None),
+    # both mypy runs, one after the other: the second reuses the first's .mypy_cache
+    ("tests/test_lint.py::test_mypy", "mypy"),
+    ("tests/test_combinations.py::test_the_documented_calls_type_check", "mypy"),
+    ("tests/test_flax.py", "test_flax"),
+    ("tests/test_compose.py::test_lookahead_of_lbfgs", None),
+    ("tests/test_workers_multihost.py", None),
+    ("tests/test_multihost.py", None),
+    ("tests/test_properties.py::test_slow_weights_are_an_ema_of_cycle_ends_many", None),
+]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's: the scheduler of ``--dist lookahead_optax`` (the default set above)."""
+    if config.option.dist != "lookahead_optax":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _Schedule(LoadScopeScheduling):
+        """xdist's loadscope with SCHEDULE's scopes: a group's tests, or a single test."""
+
+        def _split_scope(self, nodeid):
+            for prefix, group in SCHEDULE:
+                if nodeid.startswith(prefix):
+                    return group or nodeid
+            return nodeid
+
+        def _assign_work_unit(self, node):
+            if not getattr(self, "_ordered", False):  # once, with the whole queue in hand
+                self._ordered = True
+                units = list(self.workqueue.items())
+
+                def rank(unit):
+                    scope = unit[0]
+                    return next(
+                        (i for i, (prefix, group) in enumerate(SCHEDULE)
+                         if scope == group or scope.startswith(prefix)),
+                        len(SCHEDULE),
+                    )  # fmt: skip
+
+                self.workqueue.clear()
+                self.workqueue.update(sorted(units, key=rank))  # stable: ties in queue order
+            super()._assign_work_unit(node)
+
+    return _Schedule(config, log)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
-# One xdist worker builds the site (conftest.py's docs_site) for this module and test_docs.py.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("docs_site")]
+pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -24,9 +24,7 @@ from jax.sharding import PartitionSpec as P
 import lookahead_optax as lo
 from tests import _checkpoint_worker as worker
 
-# slow: Orbax saves, fresh processes and a SIGKILLed one; one xdist worker for the module
-# (its module-scoped fixture).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_checkpoint")]
+pytestmark = pytest.mark.slow  # Orbax saves, fresh processes and a SIGKILLed one
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("keep", "pullback")  # cycle_start is None with "keep", a pytree with "pullback"
 

@@ -96,9 +96,12 @@ NESTEROV = optax.sgd(0.7, momentum=0.9, nesterov=True)
 @pytest.mark.parametrize(
     ("fragments", "workers", "slow_step", "before"),
     [
-        (2, None, "alpha", False),
+        # The quick set: 3 fragments with and without workers, an alpha and an outer slow step
+        # (test_check_composition_checks_every_fragment_sync runs 2 fragments). check_composition
+        # is eager: each case compiles its ops anew for its shapes (3-6 s on 2 cores).
+        pytest.param(2, None, "alpha", False, marks=pytest.mark.slow),
         (3, None, "outer", True),
-        (2, 2, "outer", False),
+        pytest.param(2, 2, "outer", False, marks=pytest.mark.slow),
         (3, 2, "alpha", True),
     ],
 )
@@ -332,7 +335,6 @@ lo.check_composition(tx1, params)
 """
 
 
-@pytest.mark.xdist_group("mypy")  # with tests/test_lint.py's: one worker, one cache
 def test_the_documented_calls_type_check(tmp_path):
     """mypy on every ```python block of README.md and docs/, and on the call forms above:
     no error on a line that calls lookahead_optax (0.3.0: alpha=lo.adaptive_alpha(...) is an

@@ -25,9 +25,6 @@ if tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 9):
 
 import diloco  # noqa: E402
 
-# One xdist worker runs the benchmark (the module-scoped fixture) once.
-pytestmark = pytest.mark.xdist_group("test_diloco_benchmark")
-
 MLP_PARAMS = (64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)  # 85,002
 
 

@@ -27,10 +27,6 @@ import pytest
 import lookahead_optax as lo
 from tests.helpers import CONTINUES, free_names, python_chains
 
-# One xdist worker builds the site (conftest.py's docs_site, shared with test_browser.py) and
-# runs each page's examples once (run_page_as_a_reader's cache).
-pytestmark = pytest.mark.xdist_group("docs_site")
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # Pages written in Markdown whose code blocks are examples (the API page and the changelog

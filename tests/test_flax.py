@@ -21,9 +21,6 @@ from sklearn.datasets import load_digits
 
 import lookahead_optax as lo
 
-# One xdist worker trains the module's models (its module-scoped fixtures) once.
-pytestmark = pytest.mark.xdist_group("test_flax")
-
 K, ALPHA, LR, STEPS, BATCH = 5, 0.5, 1e-2, 120, 128
 
 

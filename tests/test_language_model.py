@@ -25,9 +25,7 @@ import language_model  # noqa: E402
 
 import lookahead_optax as lo  # noqa: E402
 
-# slow: compiles three optimizers' training steps: 20-70 s on 2 cores;
-# one xdist worker for the module (its module-scoped fixture).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_language_model")]
+pytestmark = pytest.mark.slow  # compiles three optimizers' training steps: 20-70 s on 2 cores
 
 LOOKAHEAD = "lookahead_k5_a0.5"
 OUTER_SGD = "snoo_k5_lr0.5_m0"  # outer=optax.sgd(0.5, momentum=0, nesterov=True)

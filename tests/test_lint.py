@@ -37,9 +37,6 @@ def test_ruff_format():
     _run("ruff", "format", "--check", "--no-cache", ".")
 
 
-# One xdist worker runs both mypy checks (this and test_combinations.py's), one after the
-# other: the second reuses the first's cache of the libraries' types.
-@pytest.mark.xdist_group("mypy")
 def test_mypy():
     # The files to check are in pyproject.toml ([tool.mypy] files); the cache, .mypy_cache/,
     # makes a rerun take a second or two instead of ten.

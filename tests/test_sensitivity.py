@@ -21,9 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402
 import sensitivity  # noqa: E402
 
-# One xdist worker runs the benchmarks (the module-scoped fixtures) once.
-pytestmark = pytest.mark.xdist_group("test_sensitivity")
-
 # ------------------------------------------------------------------ good_range, by hand
 
 LRS = [1e-3, 1e-2, 1e-1, 1.0, 10.0]  # log10: -3, -2, -1, 0, 1

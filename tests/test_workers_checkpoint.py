@@ -13,9 +13,7 @@ import pytest
 import lookahead_optax as lo
 from tests import _workers_checkpoint_worker as worker
 
-# slow: Orbax saves and restores;
-# one xdist worker for the module (its module-scoped fixture).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_workers_checkpoint")]
+pytestmark = pytest.mark.slow  # Orbax saves and restores
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
