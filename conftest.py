@@ -41,9 +41,9 @@ def pytest_cmdline_main(config):
 # no long test starts last while the other workers idle; measured on 2 cores), then every other
 # test one by one in collection order. The tests of a named group go to one worker together:
 # they share an expensive module- or session-scoped result (the docs build, a benchmark run,
-# trained models) or a cache (mypy's), which another worker would compute again. A prefix that
-# no longer matches (a renamed test) costs time, never a result. (xdist's own loadgroup and
-# xdist_group marks would say the same, but pytest 9.2's node ids no longer take its suffix.)
+# trained models), which another worker would compute again. A prefix that no longer matches
+# (a renamed test) costs time, never a result. (xdist's own loadgroup and xdist_group marks
+# would say the same, but pytest 9.2's node ids no longer take its suffix.)
 SCHEDULE = [
     # (node id prefix, group name or None: each test on its own)
     ("tests/test_docs.py", "docs_site"),  # conftest's docs_site: built once for both modules
@@ -60,9 +60,8 @@ SCHEDULE = [
     ("tests/test_workers_checkpoint.py", "test_workers_checkpoint"),
     ("tests/test_properties.py::test_lookahead_properties_many", None),
     ("tests/test_notebook_", None),
-    # both mypy runs, one after the other: the second reuses the first's .mypy_cache
-    ("tests/test_lint.py::test_mypy", "mypy"),
-    ("tests/test_combinations.py::test_the_documented_calls_type_check", "mypy"),
+    ("tests/test_lint.py::test_mypy", None),  # 20 s without its cache (CI), 1 s with
+    ("tests/test_combinations.py::test_the_documented_calls_type_check", None),  # the same
     ("tests/test_flax.py", "test_flax"),
     ("tests/test_compose.py::test_lookahead_of_lbfgs", None),
     ("tests/test_workers_multihost.py", None),
