@@ -44,7 +44,9 @@ class LookaheadState:
         on the slow weights, so in their dtype); updated on sync calls only.
         ``None`` with ``alpha``.
       sync_stats: With ``workers`` or ``axis_name``, a :class:`SyncStats` of the
-        latest sync (zeros before the first); ``None`` otherwise.
+        latest sync when built with ``sync_stats=True`` (zeros before the first),
+        else filled with NaN (the same tree, so checkpoints of either setting
+        restore into the other); ``None`` without workers.
       in_flight: With ``overlap > 0``, the averaged pseudo-gradient in flight: a
         pytree like ``slow`` (slow dtype; the entries of fragments not in flight
         hold their last average), sent ``overlap`` steps before its fragment's
