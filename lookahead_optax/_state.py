@@ -131,7 +131,8 @@ jax.tree_util.register_pytree_with_keys(LookaheadState, _flatten_with_keys, _unf
 
 
 class SyncStats(NamedTuple):
-    r"""What the latest sync of many workers saw: log these.
+    r"""What the latest sync of many workers saw: log these (with ``lookahead(...,
+    sync_stats=True)``; otherwise NaN).
 
     Attributes:
       pseudo_gradient_norm: The global L2 norm of the averaged pseudo-gradient
