@@ -37,6 +37,22 @@ def pytest_cmdline_main(config):
         option.dist = "lookahead_optax"  # pytest_xdist_make_scheduler below
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    """With xdist, ``-x`` (or ``--maxfail``) ends the run as an interruption, exit status 2;
+    in one process it is 1, tests failed. 1 here too, as scripts that read it expect (.ci/mutations
+    tells a failing test from an error by it)."""
+    dsession = session.config.pluginmanager.getplugin("dsession")
+    stop = getattr(dsession, "shouldstop", None)
+    if (
+        session.exitstatus == pytest.ExitCode.INTERRUPTED
+        and isinstance(stop, str)
+        and stop.startswith("stopping after ")
+        and session.testsfailed
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 # How pytest-xdist hands out the tests: first these, in this order (the longest first, so that
 # no long test starts last while the other workers idle; measured on 2 cores), then every other
 # test one by one in collection order. The tests of a named group go to one worker together:
