@@ -266,6 +266,8 @@ def _land_on_slow(
     step's params (same structure; a wrapper that reshapes params keeps the applied update).
     """
     (new,) = find_states(new_opt_state)
+    if new.mixing:  # a sync lands on phi + mixing (theta - phi), as tx.update's update aims
+        return new_params
     treedef: Any = jax.tree.structure(new.slow, is_leaf=is_masked)  # PyTreeDef: no stubs
     try:
         flat_params = treedef.flatten_up_to(new_params)

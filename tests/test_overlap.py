@@ -75,6 +75,16 @@ def _problem(workers, seed=0):
     ],
 )
 def test_matches_the_stepwise_reference(workers, fragments, k, overlap, mixing):
+    _check_against_the_reference(workers, fragments, k, overlap, mixing, "update")
+
+
+def test_mixing_through_update_and_apply_matches_the_reference():
+    """update_and_apply takes its fused path here (no overlap, one fragment) and must land each
+    worker on phi + mixing (theta - phi) as tx.update does, not on phi."""
+    _check_against_the_reference(2, 1, 4, 0, 0.5, "update_and_apply")
+
+
+def _check_against_the_reference(workers, fragments, k, overlap, mixing, entry):
     params0, grad_fns = _problem(workers)
     groups = ref.fragment_groups([np.size(p) for p in params0], fragments)
     fast_ref, slow_ref = ref.streaming_trajectory(
@@ -87,7 +97,15 @@ def test_matches_the_stepwise_reference(workers, fragments, k, overlap, mixing):
     )  # fmt: skip
     params = lo.replicate([jnp.asarray(p, jnp.float32) for p in params0], workers)
     state = tx.init(params)
-    step = jax.jit(tx.update)
+    if entry == "update":
+        update = jax.jit(tx.update)
+
+        def step(grads, state, params):
+            updates, state = update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+    else:
+        assert lo.fused_path_taken(tx, params, state, params)
+        step = jax.jit(lambda grads, state, params: lo.update_and_apply(tx, grads, state, params))
     for t in range(3 * k):
         grads = [
             jnp.stack([jnp.asarray(g, jnp.float32) for g in gs])
@@ -95,8 +113,7 @@ def test_matches_the_stepwise_reference(workers, fragments, k, overlap, mixing):
                 *[grad_fns[w]([np.asarray(p[w]) for p in params]) for w in range(workers)]
             )
         ]
-        updates, state = step(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(grads, state, params)
         for w in range(workers):
             for got, want in zip(params, fast_ref[t][w]):
                 np.testing.assert_allclose(got[w], want, rtol=2e-5, atol=2e-5, err_msg=f"step {t}")
