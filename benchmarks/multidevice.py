@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -70,6 +69,7 @@ import _hlo  # noqa: E402  (benchmarks/, the script's directory)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _timing import machine_info  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import lookahead_optax as lo  # noqa: E402
@@ -178,13 +178,7 @@ def main() -> None:
             "rounds": ARGS.rounds,
             "steps_per_round": ARGS.steps,
         },
-        "machine": {
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "python": platform.python_version(),
-            "backend": jax.default_backend(),
-            "cpu_cores": os.cpu_count(),
-        },
+        "machine": machine_info(),
         "per_device": {
             "params_bytes": bytes_on(device, params),
             "slow_bytes": bytes_on(device, lookahead_state.slow),
@@ -276,13 +270,7 @@ def workers_main() -> None:
             "rounds": ARGS.rounds,
             "steps_per_round": ARGS.steps,
         },
-        "machine": {
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "backend": jax.default_backend(),
-            "cpu_cores": os.cpu_count(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "load_average": os.getloadavg()},
         "meshes": {},
     }
     for axis_type in (AxisType.Explicit, AxisType.Auto):

@@ -23,6 +23,11 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def _is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_inner(inner: Any, name: str = "inner", example: str = "optax.adam(1e-3)") -> None:
     """Anything with ``init`` and ``update`` methods, as ``optax.chain`` accepts:
     GradientTransformations, ``optax.MultiSteps`` and other classes of that shape."""
@@ -64,7 +69,7 @@ def check_k(k: Any) -> None:
         and np.ndim(k) == 0
         and jnp.issubdtype(np.asarray(k).dtype, jnp.integer)
     )
-    is_int = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
+    is_int = _is_int(k)
     if not (is_int or is_int_array) or not 1 <= int(k) <= MAX_K:
         raise ValueError(f"k must be a positive int (1, 2, ..., 2**31 - 1), got {k!r}")
 
@@ -140,7 +145,7 @@ def check_worker_count(workers: Any, name: str = "workers", allowed: str = "") -
     array), the same rule for lookahead(workers=...), replicate and resize_workers. Returns
     it as a Python int."""
     _check_static(name, workers)
-    is_int = isinstance(workers, numbers.Integral) and not isinstance(workers, (bool, np.bool_))
+    is_int = _is_int(workers)
     if not is_int or int(workers) < 1:
         raise ValueError(
             f"{name} must be a positive int (1, 2, ...; NumPy integers too){allowed}, "
@@ -179,7 +184,7 @@ def check_fragments(fragments: Any, k: Any, alpha: Any, policy: str) -> None:
     if fragments is None:
         return
     _check_static("fragments", fragments)
-    is_int = isinstance(fragments, numbers.Integral) and not isinstance(fragments, (bool, np.bool_))
+    is_int = _is_int(fragments)
     if not is_int or int(fragments) < 1:
         raise ValueError(f"fragments must be a positive int, got {fragments!r}")
     if fragments == 1:
@@ -203,7 +208,7 @@ def check_overlap(
     parts = 1 if fragments is None else int(fragments)
     if overlap is not None:
         _check_static("overlap", overlap)
-        is_int = isinstance(overlap, numbers.Integral) and not isinstance(overlap, (bool, np.bool_))
+        is_int = _is_int(overlap)
         if not is_int or int(overlap) < 0:
             raise ValueError(
                 f"overlap must be an int in [0, k / fragments) (the steps a fragment's "
@@ -248,7 +253,7 @@ def check_quantized(
     quantized = is_quantized(communication_dtype)
     if block is not None:
         _check_static("communication_block", block)
-        is_int = isinstance(block, numbers.Integral) and not isinstance(block, (bool, np.bool_))
+        is_int = _is_int(block)
         if not is_int or int(block) < 1:
             raise ValueError(
                 f"communication_block must be a positive int (values per scale in the "
