@@ -17,13 +17,16 @@ Three ways to run the decided step, all with the same numbers (up to an ulp):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
+from jax import Array
 
-from lookahead_optax._state import HINT_KEY, LookaheadState, SyncHint, find_states
+from lookahead_optax._state import LookaheadState, find_states
 from lookahead_optax._tree import is_inexact, is_masked, widened
 
 Formulation = Literal["cond", "select"]
@@ -32,6 +35,57 @@ FORMULATIONS = ("cond", "select")
 # Every backend gets "cond" until benchmarks/device.py has measured the others there: the
 # CPU figures (benchmarks/RESULTS.md) are for "cond", and no GPU or TPU has been measured.
 DEFAULT_FORMULATION: dict[str, Formulation] = {"cpu": "cond"}
+
+
+class SyncHint:
+    """Whether this step syncs, decided by :func:`lookahead_optax.update_and_apply`.
+
+    Passed to ``tx.update`` as the extra argument ``lookahead_sync``. A
+    lookahead takes it only if ``count`` is the very ``count`` array of the
+    state it is updating, and then sets ``taken``. So a hint can never reach
+    another lookahead, a state that a wrapper changed, or a trace behind a
+    ``jit`` boundary (where ``count`` is a new tracer); those updates decide for
+    themselves, as ``tx.update`` always does. A pytree, so that wrappers may
+    pass it through ``jit``.
+    """
+
+    def __init__(self, count: Array, sync: bool):
+        self.count = count
+        self.sync = sync
+        self.taken = False
+        self.refused: str | None = None  # why the lookahead it was for could not take it
+        self.seen = 0  # lookahead updates that received it (more than one: not fused)
+
+    def take(self, count: Array, fragments: int = 1, overlap: int = 0) -> bool | None:
+        """Called by a lookahead's update with its state's ``count``: the decided sync if
+        this hint is for that state (and ``taken`` set), else None (decide as usual). A
+        lookahead with several fragments or with overlap has no single sync decision: it
+        records that in ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
+        self.seen += 1
+        if count is not self.count:
+            return None
+        if fragments != 1:
+            self.refused = (
+                f"the lookahead has fragments={fragments}: its fragments sync at different "
+                "steps, so there is no single sync decision to take"
+            )
+            return None
+        if overlap:
+            self.refused = (
+                f"the lookahead has overlap={overlap}: a pseudo-gradient is sent and "
+                "applied on different steps (as fragments > 1 sync on different steps), so "
+                "there is no single sync decision to take"
+            )
+            return None
+        self.taken = True
+        return self.sync
+
+
+jax.tree_util.register_pytree_node(
+    SyncHint, lambda hint: ((hint.count,), hint.sync), lambda sync, c: SyncHint(c[0], sync)
+)
+
+HINT_KEY = "lookahead_sync"
 
 
 def default_formulation(backend: str | None = None) -> Literal["cond", "select"]:
@@ -165,7 +219,7 @@ def update_and_apply(
         formulation = default_formulation()
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
-    probe = _probe(tx, grads, opt_state, params, **extra_args)
+    probe, synced_update = _probe(tx, grads, opt_state, params, **extra_args)
     if not probe.taken:
         if sync is not None:
             raise ValueError(_no_fused_path(probe, "update_and_apply(sync=...)"))
@@ -174,8 +228,11 @@ def update_and_apply(
     (state,) = find_states(opt_state)
 
     def step(sync: bool) -> tuple[optax.Params, optax.OptState]:
-        hint = {HINT_KEY: SyncHint(state.count, sync)}
-        updates, new_state = tx.update(grads, opt_state, params, **extra_args, **hint)
+        if sync:  # the probe's trace, replayed: tx.update is traced once per case, not twice
+            updates, new_state = synced_update()
+        else:
+            hint = {HINT_KEY: SyncHint(state.count, False)}
+            updates, new_state = tx.update(grads, opt_state, params, **extra_args, **hint)
         new_params = optax.apply_updates(params, updates)
         return (_land_on_slow(new_params, state, new_state) if sync else new_params), new_state
 
@@ -199,7 +256,7 @@ def fused_path_taken(
 ) -> bool:
     """Whether :func:`~lookahead_optax.update_and_apply` takes its fused path for these arguments.
 
-    Traces ``tx.update`` once with ``jax.eval_shape``: nothing is computed and
+    Traces ``tx.update`` once with ``jax.make_jaxpr``: nothing is computed and
     no effect runs.
 
     Examples:
@@ -213,27 +270,35 @@ def fused_path_taken(
       >>> lo.fused_path_taken(ms, params, ms.init(params), params)
       False
     """
-    return _probe(tx, grads, opt_state, params, **extra_args).taken
+    return _probe(tx, grads, opt_state, params, **extra_args)[0].taken
 
 
-def _probe(tx, grads, opt_state, params, **extra_args) -> SyncHint:
-    """A hint passed through ``tx.update`` under ``jax.eval_shape``: ``taken`` if the fused
-    path is open, else ``refused`` may say why (None: no lookahead reached it)."""
+def _probe(tx, grads, opt_state, params, **extra_args) -> tuple[SyncHint, Callable[[], Any]]:
+    """``tx.update`` traced once with a ``sync=True`` hint, into a jaxpr that computes
+    nothing yet: the hint (``taken`` if the fused path is open, else ``refused`` may say
+    why; None: no lookahead reached it), and a function that replays that update (the
+    synced case) where it is called. Nothing of an unused trace reaches the program, so
+    effects inside ``tx`` never run twice."""
     tx = optax.with_extra_args_support(tx)
     states = find_states(opt_state)
     if len(states) != 1:
         hint = SyncHint(jnp.zeros([], jnp.int32), True)  # for no state: never taken
         hint.refused = f"tx's state holds {len(states)} (outermost) lookahead states, not one"
-        return hint
+        return hint, lambda: None
     hint = SyncHint(states[0].count, True)
-    jax.eval_shape(lambda: tx.update(grads, opt_state, params, **extra_args, **{HINT_KEY: hint}))
+    # Closed over, the caller's arrays (tracers under jit) become the jaxpr's constants.
+    closed, shapes = jax.make_jaxpr(
+        lambda: tx.update(grads, opt_state, params, **extra_args, **{HINT_KEY: hint}),
+        return_shape=True,
+    )()
     if hint.seen > 1:  # e.g. a wrapper that steps the lookahead twice per call
         hint.taken = False
         hint.refused = (
             f"tx steps the lookahead {hint.seen} times per call: one sync decision cannot "
             "cover them"
         )
-    return hint
+    treedef = jax.tree.structure(shapes)
+    return hint, lambda: jax.tree.unflatten(treedef, jax.extend.core.jaxpr_as_fun(closed)())
 
 
 def _no_fused_path(probe: SyncHint, what: str) -> str:

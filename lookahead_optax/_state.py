@@ -1,4 +1,4 @@
-"""The Lookahead state, and the sync hint that ``update_and_apply`` passes to the update."""
+"""The Lookahead state, and finding it inside any opt_state."""
 
 from __future__ import annotations
 
@@ -146,57 +146,6 @@ class SyncStats(NamedTuple):
 
     pseudo_gradient_norm: Array
     worker_drift: Array
-
-
-class SyncHint:
-    """Whether this step syncs, decided by :func:`lookahead_optax.update_and_apply`.
-
-    Passed to ``tx.update`` as the extra argument ``lookahead_sync``. A
-    lookahead takes it only if ``count`` is the very ``count`` array of the
-    state it is updating, and then sets ``taken``. So a hint can never reach
-    another lookahead, a state that a wrapper changed, or a trace behind a
-    ``jit`` boundary (where ``count`` is a new tracer); those updates decide for
-    themselves, as ``tx.update`` always does. A pytree, so that wrappers may
-    pass it through ``jit``.
-    """
-
-    def __init__(self, count: Array, sync: bool):
-        self.count = count
-        self.sync = sync
-        self.taken = False
-        self.refused: str | None = None  # why the lookahead it was for could not take it
-        self.seen = 0  # lookahead updates that received it (more than one: not fused)
-
-    def take(self, count: Array, fragments: int = 1, overlap: int = 0) -> bool | None:
-        """Called by a lookahead's update with its state's ``count``: the decided sync if
-        this hint is for that state (and ``taken`` set), else None (decide as usual). A
-        lookahead with several fragments or with overlap has no single sync decision: it
-        records that in ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
-        self.seen += 1
-        if count is not self.count:
-            return None
-        if fragments != 1:
-            self.refused = (
-                f"the lookahead has fragments={fragments}: its fragments sync at different "
-                "steps, so there is no single sync decision to take"
-            )
-            return None
-        if overlap:
-            self.refused = (
-                f"the lookahead has overlap={overlap}: a pseudo-gradient is sent and "
-                "applied on different steps (as fragments > 1 sync on different steps), so "
-                "there is no single sync decision to take"
-            )
-            return None
-        self.taken = True
-        return self.sync
-
-
-jax.tree_util.register_pytree_node(
-    SyncHint, lambda hint: ((hint.count,), hint.sync), lambda sync, c: SyncHint(c[0], sync)
-)
-
-HINT_KEY = "lookahead_sync"
 
 
 # ---- Finding and replacing the lookahead states inside any opt_state ----

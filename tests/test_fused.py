@@ -291,6 +291,22 @@ def test_effects_run_once_per_step(where, path):
     np.testing.assert_allclose(params["w"], fast[-1], rtol=1e-6)
 
 
+@pytest.mark.parametrize(("sync", "traces"), [(None, 2), (True, 1), (False, 2)])
+def test_update_and_apply_traces_the_inner_update_once_per_case(sync, traces):
+    # The fused path's probe trace is replayed as the synced case, not traced again.
+    traced = []
+    sgd = optax.sgd(SGD_LR)
+
+    def update(updates, state, params=None):
+        traced.append(1)
+        return sgd.update(updates, state, params)
+
+    tx = optax.chain(optax.clip(1.0), lo.lookahead(optax.GradientTransformation(sgd.init, update)))
+    params = {"w": jnp.array([1.0, -2.0])}
+    jax.jit(lambda p, s: lo.update_and_apply(tx, p, s, p, sync=sync)).lower(params, tx.init(params))
+    assert len(traced) == traces
+
+
 def _two_lookaheads():
     return optax.multi_transform(
         {"a": lo.lookahead(optax.sgd(SGD_LR), k=2), "b": lo.lookahead(optax.sgd(SGD_LR), k=3)},
