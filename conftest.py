@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,40 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DEVICES = 8
+ROOT = pathlib.Path(__file__).resolve().parent
+
+
+def compilation_cache() -> dict[str, str]:
+    """XLA's compiled programs kept on disk (jax's persistent compilation cache), shared by the
+    test processes and by later runs: .pytest_cache/jax-compilation-cache, or the directory in
+    $LOOKAHEAD_OPTAX_TEST_CACHE ("off": none). Its key is a fingerprint of the whole program,
+    the compile options and the jax version, so a changed program compiles anew and a hit is
+    the executable of the identical program. Returns the settings as environment variables,
+    for the tests' subprocesses that run as a user would (tests/test_docs.py); {} when off.
+
+    No size limit: jax's limit rescans the directory under a file lock on every write, which
+    made a fresh run 60% slower. Instead the first process of a run empties the directory
+    when it holds over 1 GiB. Two processes writing one program write the same bytes; one
+    reading a file still being written gets a warning and compiles the program itself."""
+    where = os.environ.get("LOOKAHEAD_OPTAX_TEST_CACHE", "")
+    where = where or str(ROOT / ".pytest_cache" / "jax-compilation-cache")
+    if where == "off":
+        return {}
+    if "PYTEST_XDIST_WORKER" not in os.environ and os.path.isdir(where):
+        entries = list(os.scandir(where))
+        if sum(entry.stat().st_size for entry in entries) > 2**30:
+            shutil.rmtree(where, ignore_errors=True)
+    settings = {
+        "jax_compilation_cache_dir": where,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    return {name.upper(): str(value) for name, value in settings.items()}
+
+
+COMPILATION_CACHE = compilation_cache()
 # tests/data: files the tests read, and the scripts that wrote them (run by hand with the
 # version they write, not collected: --doctest-modules would import them).
 collect_ignore = ["tests/data"]
@@ -132,6 +167,13 @@ def strict_promotion():
     """
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_env() -> dict[str, str]:
+    """The session's compilation cache settings as environment variables, for a subprocess that
+    runs as a user would: the same programs compile once ({} when the cache is off)."""
+    return dict(COMPILATION_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def check_composition(
     the slow weights within a few ulps. With ``fragments > 1`` it does so
     once for every fragment's sync point, each from ``tx.init(params)`` (with
     ``workers``, every worker's params must land there). Call it once on
-    your ``tx``, e.g. in a test; it is eager and cheap. It can only see what
+    your ``tx``, e.g. in a test: it compiles one step. It can only see what
     these ``grads`` provoke (default: standard normal gradients): a clip whose
     threshold they do not reach changes nothing here.
 
@@ -132,14 +132,18 @@ def check_composition(
         grads = _random_grads(params)
     periods = [int(state.period) for state in states]
 
+    @jax.jit  # one program for every call, as a training step runs (eagerly, each op compiles)
+    def call(state: optax.OptState, current: optax.Params) -> tuple[optax.OptState, optax.Params]:
+        updates, state = tx.update(grads, state, current, **extra_args)
+        return state, optax.apply_updates(current, updates)
+
     def trial(counts: list[int]) -> list[dict[int, float]]:
         """From the initial state with these step counters, run tx until its lookaheads take
         a step; per lookahead, the leaves that synced and their distance to the slow weights."""
         state, current = _set_steps_since_sync(opt_state, counts), params
         before = find_states(state)
         for _ in range(max_calls):
-            updates, state = tx.update(grads, state, current, **extra_args)
-            current = optax.apply_updates(current, updates)
+            state, current = call(state, current)
             after = find_states(state)
             stepped = [
                 int(_steps_since_sync(a)) != int(_steps_since_sync(b))

@@ -10,7 +10,6 @@ a missing image fails it; the notebooks are rendered from their committed output
 """
 
 import ast
-import functools
 import importlib.util
 import json
 import os
@@ -124,9 +123,9 @@ def run_chain(page, chain):
     return namespace
 
 
-# Runs a page's chains as a reader does: a fresh Python process, without the test session's
+# Runs the pages' chains as a reader does: a fresh Python process, without the test session's
 # environment (conftest.py's XLA_FLAGS emulates 8 CPU devices; a reader's CPU has one), each
-# chain in a fresh namespace. Writes {first line: traceback or None} as JSON to argv[1].
+# chain in a fresh namespace. Writes {"page:first line": traceback or None} as JSON to argv[1].
 READER = """
 import json, sys, traceback
 chains, results = json.load(sys.stdin), {}
@@ -135,23 +134,24 @@ for page, chain in chains:
     try:
         for line, code in chain:
             exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
-        results[str(chain[0][0])] = None
+        results[f"{page}:{chain[0][0]}"] = None
     except BaseException:
-        results[str(chain[0][0])] = traceback.format_exc()
+        results[f"{page}:{chain[0][0]}"] = traceback.format_exc()
 json.dump(results, open(sys.argv[1], "w"))
 """
 
 
-@functools.cache
-def run_page_as_a_reader(page, tmp):
-    """{first line of each chain: None, or the traceback of its failure} for docs/page, run by
-    READER in a fresh process with the environment minus XLA_FLAGS: one CPU device."""
-    chains = [(page, [(line, code) for line, code, _ in chain]) for p, chain in CHAINS if p == page]
+@pytest.fixture(scope="session")
+def as_a_reader(tmp_path_factory, compilation_cache_env):
+    """{"page:first line" of each chain: None, or the traceback of its failure}, every page run
+    by READER in one fresh process (one start of jax, not one per page) with the environment
+    minus XLA_FLAGS: one CPU device. Only jax's compilation cache is shared with the session."""
+    chains = [(page, [(line, code) for line, code, _ in chain]) for page, chain in CHAINS]
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    out = pathlib.Path(tmp) / f"{page}.json"
+    out = tmp_path_factory.mktemp("docs_as_a_reader") / "results.json"
     result = subprocess.run(
-        [sys.executable, "-c", READER, str(out)], input=json.dumps(chains), cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-c", READER, str(out)], input=json.dumps(chains), cwd=ROOT,
+        env=env | compilation_cache_env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -160,7 +160,7 @@ def run_page_as_a_reader(page, tmp):
 @pytest.mark.parametrize(
     "page,chain", CHAINS, ids=[f"docs/{page}:{chain[0][0]}" for page, chain in CHAINS]
 )
-def test_python_blocks_run_as_printed(page, chain, tmp_path_factory):
+def test_python_blocks_run_as_printed(page, chain, as_a_reader):
     """As for the README: a standalone block runs in a fresh namespace, every block marked as
     continuing runs after the one before it, and each example asserts something. They run as
     a reader runs them: in a fresh process on one CPU device (not the 8 this session emulates),
@@ -174,7 +174,7 @@ def test_python_blocks_run_as_printed(page, chain, tmp_path_factory):
     missing = sorted({m for _, code, _ in chain for m in missing_modules(code)})
     if missing:  # only without the extras (.ci/floors' core check); CI installs them
         pytest.skip(f"not installed: {missing}")
-    failure = run_page_as_a_reader(page, str(tmp_path_factory.getbasetemp()))[str(chain[0][0])]
+    failure = as_a_reader[f"{page}:{chain[0][0]}"]
     assert failure is None, f"the example at docs/{page} line {chain[0][0]} failed:\n{failure}"
 
 

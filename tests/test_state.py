@@ -78,7 +78,7 @@ def test_a_030_checkpoint_restores_bit_for_bit_and_continues(case):
     assert sorted(restored) == sorted(saved.files)
     for name in saved.files:
         np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
-    updates, state = tx.update(grads, state, params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
     assert int(state.count) == 2
 
 
