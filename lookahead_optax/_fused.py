@@ -228,10 +228,13 @@ def update_and_apply(
     (state,) = find_states(opt_state)
 
     def step(sync: bool) -> tuple[optax.Params, optax.OptState]:
-        if sync:  # the probe's trace, replayed: tx.update is traced once per case, not twice
+        # The probe's trace, replayed: tx.update is traced once per case, not twice. Not under
+        # jax.disable_jit, whose op-by-op arithmetic follows concrete values (jnp.power with a
+        # concrete integer exponent multiplies) where the trace had tracers.
+        if sync and not jax.config.jax_disable_jit:
             updates, new_state = synced_update()
         else:
-            hint = {HINT_KEY: SyncHint(state.count, False)}
+            hint = {HINT_KEY: SyncHint(state.count, sync)}
             updates, new_state = tx.update(grads, opt_state, params, **extra_args, **hint)
         new_params = optax.apply_updates(params, updates)
         return (_land_on_slow(new_params, state, new_state) if sync else new_params), new_state
