@@ -231,7 +231,7 @@ def update_and_apply(
         # The probe's trace, replayed: tx.update is traced once per case, not twice. Not under
         # jax.disable_jit, whose op-by-op arithmetic follows concrete values (jnp.power with a
         # concrete integer exponent multiplies) where the trace had tracers.
-        if sync and not jax.config.jax_disable_jit:
+        if sync and not jax.config.values["jax_disable_jit"]:
             updates, new_state = synced_update()
         else:
             hint = {HINT_KEY: SyncHint(state.count, sync)}
