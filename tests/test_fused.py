@@ -23,6 +23,7 @@ from tests.helpers import (
     initial_params,
     loss_grad,
     make_params,
+    quick_few,
     reference_sgd,
     run_steps,
     shard,
@@ -47,7 +48,16 @@ def test_trajectory_matches_reference(inner_name, k, alpha):
     check_against_reference(inner_name, k, alpha, (params, slow, state.slow))
 
 
-@pytest.mark.parametrize("name", CONFIGURATIONS)
+# The quick set: one of each path through update_and_apply (the plain and adaptive syncs, the
+# inner-state policies, a wrapper that forwards the hint, one that discards a step, a masked
+# lookahead, the refused MultiSteps and no lookahead); the whole suite runs all.
+QUICK_EQUALS = [
+    "adam", "pullback", "adaptive_alpha", "slow_dtype", "inject_hyperparams",
+    "apply_if_finite", "masked", "multi_steps", "no_lookahead",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", quick_few(CONFIGURATIONS, QUICK_EQUALS))
 def test_equals_update_then_apply(name):
     # Equal up to rounding: XLA fuses the two programs differently, which can move a
     # result by an ulp (the global norm's sum, a multiply-add).
