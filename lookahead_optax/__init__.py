@@ -8,7 +8,8 @@ from lookahead_optax import experimental, flax
 from lookahead_optax._adaptive import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
 from lookahead_optax._compose import check_composition
 from lookahead_optax._flax import abstract_opt_state
-from lookahead_optax._fused import fused_path_taken, update_and_apply
+from lookahead_optax._fused import update_and_apply
+from lookahead_optax._hint import fused_path_taken
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._resize import replicate, resize_workers
 from lookahead_optax._slow import slow_params

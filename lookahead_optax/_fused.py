@@ -17,15 +17,14 @@ Three ways to run the decided step, all with the same numbers (up to an ulp):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import optax
-from jax import Array
 
+from lookahead_optax._hint import HINT_KEY, SyncHint, no_fused_path, probe
 from lookahead_optax._state import LookaheadState, find_states
 from lookahead_optax._tree import is_inexact, is_masked, widened
 
@@ -35,57 +34,6 @@ FORMULATIONS = ("cond", "select")
 # Every backend gets "cond" until benchmarks/device.py has measured the others there: the
 # CPU figures (benchmarks/RESULTS.md) are for "cond", and no GPU or TPU has been measured.
 DEFAULT_FORMULATION: dict[str, Formulation] = {"cpu": "cond"}
-
-
-class SyncHint:
-    """Whether this step syncs, decided by :func:`lookahead_optax.update_and_apply`.
-
-    Passed to ``tx.update`` as the extra argument ``lookahead_sync``. A
-    lookahead takes it only if ``count`` is the very ``count`` array of the
-    state it is updating, and then sets ``taken``. So a hint can never reach
-    another lookahead, a state that a wrapper changed, or a trace behind a
-    ``jit`` boundary (where ``count`` is a new tracer); those updates decide for
-    themselves, as ``tx.update`` always does. A pytree, so that wrappers may
-    pass it through ``jit``.
-    """
-
-    def __init__(self, count: Array, sync: bool):
-        self.count = count
-        self.sync = sync
-        self.taken = False
-        self.refused: str | None = None  # why the lookahead it was for could not take it
-        self.seen = 0  # lookahead updates that received it (more than one: not fused)
-
-    def take(self, count: Array, fragments: int = 1, overlap: int = 0) -> bool | None:
-        """Called by a lookahead's update with its state's ``count``: the decided sync if
-        this hint is for that state (and ``taken`` set), else None (decide as usual). A
-        lookahead with several fragments or with overlap has no single sync decision: it
-        records that in ``refused``, so that ``update_and_apply(sync=...)`` can say so."""
-        self.seen += 1
-        if count is not self.count:
-            return None
-        if fragments != 1:
-            self.refused = (
-                f"the lookahead has fragments={fragments}: its fragments sync at different "
-                "steps, so there is no single sync decision to take"
-            )
-            return None
-        if overlap:
-            self.refused = (
-                f"the lookahead has overlap={overlap}: a pseudo-gradient is sent and "
-                "applied on different steps (as fragments > 1 sync on different steps), so "
-                "there is no single sync decision to take"
-            )
-            return None
-        self.taken = True
-        return self.sync
-
-
-jax.tree_util.register_pytree_node(
-    SyncHint, lambda hint: ((hint.count,), hint.sync), lambda sync, c: SyncHint(c[0], sync)
-)
-
-HINT_KEY = "lookahead_sync"
 
 
 def default_formulation(backend: str | None = None) -> Literal["cond", "select"]:
@@ -219,10 +167,10 @@ def update_and_apply(
         formulation = default_formulation()
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
-    probe, synced_update = _probe(tx, grads, opt_state, params, **extra_args)
-    if not probe.taken:
+    hint, synced_update = probe(tx, grads, opt_state, params, **extra_args)
+    if not hint.taken:
         if sync is not None:
-            raise ValueError(_no_fused_path(probe, "update_and_apply(sync=...)"))
+            raise ValueError(no_fused_path(hint, "update_and_apply(sync=...)"))
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return optax.apply_updates(params, updates), new_state
     (state,) = find_states(opt_state)
@@ -248,79 +196,6 @@ def update_and_apply(
         synced, not_synced = step(True), step(False)
         return jax.tree.map(lambda a, b: jnp.where(decided, a, b), synced, not_synced)
     return jax.lax.cond(decided, lambda: step(True), lambda: step(False))
-
-
-def fused_path_taken(
-    tx: optax.GradientTransformation,
-    grads: optax.Updates,
-    opt_state: optax.OptState,
-    params: optax.Params,
-    **extra_args,
-) -> bool:
-    """Whether :func:`~lookahead_optax.update_and_apply` takes its fused path for these arguments.
-
-    Traces ``tx.update`` once with ``jax.make_jaxpr``: nothing is computed and
-    no effect runs.
-
-    Examples:
-      >>> import jax.numpy as jnp, optax
-      >>> import lookahead_optax as lo
-      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), lo.lookahead(optax.adam(1e-3)))
-      >>> params = {"w": jnp.ones(3)}
-      >>> lo.fused_path_taken(tx, params, tx.init(params), params)
-      True
-      >>> ms = optax.MultiSteps(lo.lookahead(optax.adam(1e-3)), every_k_schedule=2)
-      >>> lo.fused_path_taken(ms, params, ms.init(params), params)
-      False
-    """
-    return _probe(tx, grads, opt_state, params, **extra_args)[0].taken
-
-
-def _probe(tx, grads, opt_state, params, **extra_args) -> tuple[SyncHint, Callable[[], Any]]:
-    """``tx.update`` traced once with a ``sync=True`` hint, into a jaxpr that computes
-    nothing yet: the hint (``taken`` if the fused path is open, else ``refused`` may say
-    why; None: no lookahead reached it), and a function that replays that update (the
-    synced case) where it is called. Nothing of an unused trace reaches the program, so
-    effects inside ``tx`` never run twice."""
-    tx = optax.with_extra_args_support(tx)
-    states = find_states(opt_state)
-    if len(states) != 1:
-        hint = SyncHint(jnp.zeros([], jnp.int32), True)  # for no state: never taken
-        hint.refused = f"tx's state holds {len(states)} (outermost) lookahead states, not one"
-        return hint, lambda: None
-    hint = SyncHint(states[0].count, True)
-    # Closed over, the caller's arrays (tracers under jit) become the jaxpr's constants.
-    closed, shapes = jax.make_jaxpr(
-        lambda: tx.update(grads, opt_state, params, **extra_args, **{HINT_KEY: hint}),
-        return_shape=True,
-    )()
-    if hint.seen > 1:  # e.g. a wrapper that steps the lookahead twice per call
-        hint.taken = False
-        hint.refused = (
-            f"tx steps the lookahead {hint.seen} times per call: one sync decision cannot "
-            "cover them"
-        )
-    treedef = jax.tree.structure(shapes)
-    return hint, lambda: jax.tree.unflatten(treedef, jax.extend.core.jaxpr_as_fun(closed)())
-
-
-def _no_fused_path(probe: SyncHint, what: str) -> str:
-    """Why ``what`` cannot run: the lookahead's own reason (fragments) or the wrappers'."""
-    if probe.refused is not None and "fragments" in probe.refused:
-        return (
-            f"{what} needs a single sync decision per step, and {probe.refused}. With "
-            "fragments > 1 use tx.update or update_and_apply(sync=None), which take the "
-            "tx.update path (StaticSyncStep and offload=True are not available)"
-        )
-    reason = probe.refused or (
-        "the lookahead did not receive the decision: a wrapper dropped the extra argument, "
-        "changed its state (optax.MultiSteps) or called update behind its own jax.jit"
-    )
-    return (
-        f"{what} needs the fused path: tx must hold exactly one lookahead reached through "
-        f"wrappers that forward extra arguments (see fused_path_taken), and {reason}; this "
-        "tx decides its syncs itself, so pass sync=None"
-    )
 
 
 def _land_on_slow(

@@ -18,7 +18,7 @@ import optax
 
 from lookahead_optax import _checks, _consistency, _sync, _update, _workers
 from lookahead_optax._adaptive import AdaptiveAlpha
-from lookahead_optax._fused import HINT_KEY, SyncHint
+from lookahead_optax._hint import HINT_KEY, SyncHint
 
 InnerStatePolicy = Literal["keep", "reset", "pullback"]
 AlphaLike = float | jax.Array | Callable[[jax.Array], jax.Array] | AdaptiveAlpha
