@@ -454,7 +454,7 @@ WRAPPED = {
 
 
 @pytest.mark.parametrize("name", WRAPPED)
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_resize_workers_resizes_every_leaf_with_the_worker_axis(name, workers):
     """0.3.0 resized only the LookaheadState: MultiSteps' accumulators and multi_transform's
     other branches kept 2 workers and the next update blamed "grads"."""

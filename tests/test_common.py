@@ -127,7 +127,7 @@ def test_converges_inside_scan(inner_name, target):
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("k", [pytest.param(1, marks=pytest.mark.slow), 5])
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_inject_hyperparams_gives_the_same_updates(inner_name, k):
     opt = lo.lookahead(INNERS[inner_name](), k=k, alpha=0.5)
@@ -157,7 +157,7 @@ def test_preserves_dtype(inner_name, dtype):
     assert lo.slow_params(state, params).dtype == params.dtype
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float32", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_gradient_accumulation_gives_zero_updates_on_micro_steps(inner_name, dtype):
     opt = helpers.multi_steps(make_lookahead(inner_name), every_k_schedule=4)

@@ -37,7 +37,15 @@ from tests.helpers import REFERENCE_INNERS as INNERS
 pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
-@pytest.mark.parametrize(("k", "alpha"), [(1, 0.5), (3, 0.8), (5, 0.5)])
+@pytest.mark.parametrize(
+    ("k", "alpha"),
+    # test_lookahead.py checks every k and alpha through tx.update; here one of them runs quick.
+    [
+        pytest.param(1, 0.5, marks=pytest.mark.slow),
+        (3, 0.8),
+        pytest.param(5, 0.5, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("inner_name", INNERS)
 def test_trajectory_matches_reference(inner_name, k, alpha):
     tx = lo.lookahead(INNERS[inner_name][0](), k=k, alpha=alpha)

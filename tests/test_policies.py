@@ -240,7 +240,7 @@ def anchored_reference(policy):
     return reference.run(lookahead, PROBLEM.leaves0(), PROBLEM.grad, NUM_STEPS)
 
 
-@pytest.mark.parametrize("policy", ["reset", "pullback"])
+@pytest.mark.parametrize("policy", [pytest.param("reset", marks=pytest.mark.slow), "pullback"])
 def test_bool_int_and_key_leaves(policy):
     """reset: init from the post-sync params, bool stays bool; pullback: only floats move."""
     inner = anchored_sgd(0.2)
