@@ -213,6 +213,13 @@ def fast_set(seed: int = 18) -> list[Combo]:
 # --- known failures today (issue 18): flip by deleting the entry once the fix lands -------
 
 
+def _version(module: Any) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", module.__version__)[:3])
+
+
+JAX_VERSION, OPTAX_VERSION = _version(jax), _version(optax)
+
+
 @dataclasses.dataclass(frozen=True)
 class Broken:
     """Combinations (``applies``) where some of ``checks`` fail today, and why.
@@ -277,9 +284,32 @@ KNOWN_BROKEN: list[Broken] = [
         "found by this matrix, not in issue 18: under optax.inject_hyperparams with complex "
         "params, optax injects alpha as a complex64 array (0.5+0j, params' highest dtype) and "
         "lookahead refuses it ('alpha must be a float in (0, 1] ...'); optax's own optimizers "
-        "accept their complex learning rate",
+        "accept their complex learning rate (optax 0.2.8; 0.2.5 casts to another leaf's dtype)",
         lambda c: c.wrapper == "inject" and "complex" in c.leaves and c.slow_step == "alpha",
         frozenset({"crash", "raises"}),
+        strict=OPTAX_VERSION >= (0, 2, 8),
+    ),
+    # The floors (.ci/floors): what older jax and optax do.
+    Broken(
+        "jax 0.8.0, 0.8.1 and 0.9.0 (not 0.10.2; 0.10.0 and 0.10.1 not checked): a zero-size "
+        "leaf sharded over an Explicit mesh fails jax's own check, 'Unexpected XLA sharding "
+        "override: (XLA) GSPMDSharding({replicated}) != NamedSharding(...)'",
+        lambda c: JAX_VERSION < (0, 10, 2) and c.workers == "mesh" and "zero_size" in c.leaves,
+        frozenset({"crash", "raises"}),
+        strict=False,
+    ),
+    Broken(
+        "optax 0.2.5 (not 0.2.8; 0.2.6 and 0.2.7 not checked): inject_hyperparams casts the "
+        "injected alpha to the dtype of one of the params' leaves (bool, int, complex), and "
+        "lookahead refuses a non-float alpha ('alpha must be a float in (0, 1] ...')",
+        lambda c: (
+            OPTAX_VERSION < (0, 2, 8)
+            and c.wrapper == "inject"
+            and c.slow_step == "alpha"
+            and bool({"bool", "int", "complex"} & set(c.leaves))
+        ),
+        frozenset({"crash", "raises"}),
+        strict=False,
     ),
 ]
 

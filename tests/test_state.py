@@ -67,8 +67,13 @@ def test_a_030_checkpoint_restores_bit_for_bit_and_continues(case):
         tx = lo.lookahead(optax.adam(0.1), k=3, alpha=0.5, workers=2)
         params = lo.replicate(params, 2)
     grads = jax.tree.map(jnp.ones_like, params)
-    # The state's dtypes after a step (Adam's moments of the int leaf become float).
-    target = jax.eval_shape(lambda: tx.update(grads, tx.init(params), params)[1])
+    # The state's dtypes after a step (Adam's moments of the int leaf become float), on one
+    # device: orbax-checkpoint 0.11.17 (the flax extra's floor) needs a sharding on every leaf.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        jax.eval_shape(lambda: tx.update(grads, tx.init(params), params)[1]),
+    )
     state = _restore(V030 / case / "state", target)
     saved = np.load(V030 / case / "leaves.npz")
     restored = {
