@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import optax
 

@@ -441,3 +441,8 @@ def free_loopback_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {first}-{first + 499} on 127.0.0.1")
+
+
+def version(module) -> tuple[int, ...]:
+    """``module.__version__`` as (major, minor, patch) ints, to compare with a floor."""
+    return tuple(int(part) for part in re.findall(r"\d+", module.__version__)[:3])

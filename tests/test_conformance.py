@@ -39,6 +39,7 @@ import pytest
 import lookahead_optax as lo
 from lookahead_optax import LookaheadState
 from tests import reference as ref
+from tests.helpers import version
 
 # --- the axes -----------------------------------------------------------------------------
 
@@ -213,11 +214,7 @@ def fast_set(seed: int = 18) -> list[Combo]:
 # --- known failures today (issue 18): flip by deleting the entry once the fix lands -------
 
 
-def _version(module: Any) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", module.__version__)[:3])
-
-
-JAX_VERSION, OPTAX_VERSION = _version(jax), _version(optax)
+JAX_VERSION, OPTAX_VERSION = version(jax), version(optax)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,12 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import version
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-if tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 9):
+if version(jax) < (0, 9):
     # The test extra has the core's jax floor; the bench extra's is 0.9.0.
     pytest.skip(
         "benchmarks/diloco.py needs jax >= 0.9.0 (jax.lax.pcast), the bench extra's floor",
